@@ -1,0 +1,36 @@
+# The README's commands. `make setup` is idempotent: re-running only installs what is missing.
+PY        ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test test-slow test-all lint quickstart bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	# torch first: deepspeed is a source package that imports torch while building.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_PIN)
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install --no-build-isolation "deepspeed>=0.16"
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check models pipeline tests benchmarks
+
+quickstart: setup
+	$(BIN)/python -m pipeline run jobs/quickstart.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Spikformer V1/V2 networks: pure PyTorch + timm."""

@@ -1,0 +1,1 @@
+"""Data movement and stage running for the Spikformer V2 pipeline."""
