@@ -1,0 +1,9 @@
+"""Base class for every typed settings block, so all of them reject unknown keys the same way."""
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Settings(BaseModel):
+    """Strict settings: unknown keys are errors, values are validated on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
