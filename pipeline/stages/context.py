@@ -1,0 +1,55 @@
+"""What a stage function receives from whoever launched it, and what it hands back.
+
+The launcher (Ray Train worker, torchrun script, test) fills a StageContext; the stage never
+imports Ray or MLflow itself, so the same code runs everywhere. Rank 0 is the only rank whose
+`log_*` callbacks write anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _ignore(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+@dataclass
+class StageInputs:
+    """Upstream things a stage consumes: dataset manifests by role and an upstream export."""
+
+    manifests: dict[str, str] = field(default_factory=dict)  # role ("pretrain"/"train"/"eval") -> URL
+    upstream_export: str | None = None  # export directory URL from the previous stage
+
+
+@dataclass
+class StageResult:
+    """What a stage hands to the next one and to the tracker."""
+
+    export_url: str | None = None
+    export_digest: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> local path or URL
+
+
+@dataclass
+class StageContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    work_dir: str = "."  # local scratch folder (checkpoints live here before being reported)
+    output_url: str = "."  # fsspec URL where this stage's exports and reports go
+    resume_dir: str | None = None  # a checkpoint folder to resume from, if the launcher has one
+    # (metrics, checkpoint_dir or None): every rank calls it at the same steps (Ray Train's report is a barrier)
+    report: Callable[[dict[str, float], str | None], None] = _ignore
+    log_metrics: Callable[[dict[str, float], int], None] = _ignore  # (metrics, step), rank 0 only
+    log_image: Callable[[Any, str], None] = _ignore  # (PIL image or PNG path, artifact file name)
+    log_artifact: Callable[[str, str | None], None] = _ignore  # (local path, artifact sub-folder)
+    fault_step: int | None = None  # test hook: this rank kills its own process at this step, once
+    fault_marker: str | None = None  # file whose existence says the fault already happened
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
