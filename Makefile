@@ -8,13 +8,13 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
 	# torch first: deepspeed is a source package that imports torch while building.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install $(TORCH_PIN)
-	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install --no-build-isolation "deepspeed>=0.16"
-	$(BIN)/python -m pip install -e ".[dev]"
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || $(BIN)/python -m pip install --no-build-isolation -c constraints.txt deepspeed
+	$(BIN)/python -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
 test: setup
