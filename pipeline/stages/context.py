@@ -7,9 +7,14 @@ imports Ray or MLflow itself, so the same code runs everywhere. Rank 0 is the on
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+
+logger = logging.getLogger(__name__)
 
 
 def _ignore(*_args: Any, **_kwargs: Any) -> None:
@@ -53,3 +58,15 @@ class StageContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def at_step(self, step: int) -> None:
+        """Called by a stage after each optimizer step; fires the test fault hook at most once."""
+        if self.fault_step is None or step != self.fault_step:
+            return
+        if self.fault_marker is None or os.path.exists(self.fault_marker):
+            return
+        with open(self.fault_marker, "w") as marker:
+            marker.write(f"killed rank {self.rank} at step {step}\n")
+        logger.warning("test hook: killing rank %d at step %d", self.rank, step)
+        os._exit(17)  # a hard crash, as a lost node would look: no cleanup, no exception handling
+
