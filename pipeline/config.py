@@ -7,11 +7,22 @@ Loading (YAML, ${ENV} interpolation, --set overrides, error wording) lives furth
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import difflib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import Field, SecretStr, model_validator
+import yaml
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 
+from pipeline.errors import PipelineError
 from pipeline.schema import Settings
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- data
 
@@ -203,3 +214,268 @@ class JobConfig(Settings):
     mlflow: MlflowSettings = MlflowSettings()
     ray: RaySettings = RaySettings()
     test_hooks: TestHooks = TestHooks()
+
+
+# =========================================================================== loading
+# YAML file -> --set overrides -> ${ENV} interpolation -> pydantic validation. Every problem
+# becomes one PipelineError line "<file>: <key.path>: <what is wrong>" so users can fix it
+# without reading a traceback.
+
+_ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_SECRET_KEY_PATTERN = re.compile(r"password|passwd|secret|token|credential|access_key|api_key", re.IGNORECASE)
+_MASK = "***"
+# mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (checked by a test); kept here so loading a job
+# does not import mlflow.
+MLFLOW_MAX_PARAM_LENGTH = 6000
+
+
+def load_job(path_or_url: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
+    """Read, override, interpolate and validate one job spec; raise PipelineError on any problem."""
+    label = str(path_or_url)
+    raw = _read_yaml_mapping(label)
+    for override in overrides:
+        _apply_override(raw, override, label)
+    raw = _interpolate_env(raw, label, ())
+    try:
+        job = JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError("\n".join(f"{label}: {line}" for line in _describe_errors(exc))) from None
+    logger.info("loaded job %r from %s (%d override(s))", job.name, label, len(overrides))
+    return job
+
+
+def resolved_dict(job: JobConfig) -> dict[str, Any]:
+    """The fully resolved spec as plain JSON types (secrets masked), for hashing and saving."""
+    return _jsonable(job.model_dump(mode="python"))
+
+
+def flatten_params(job: JobConfig) -> dict[str, str]:
+    """Dotted-key -> string view of the spec for MLflow params; secrets masked, long values truncated."""
+    flat: dict[str, str] = {}
+    _flatten_into(flat, "", job.model_dump(mode="python"))
+    return flat
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_yaml_mapping(label: str) -> dict[str, Any]:
+    try:
+        if "://" in label:
+            import fsspec
+
+            with fsspec.open(label, "r", encoding="utf-8") as fh:
+                text = fh.read()
+        else:
+            text = Path(label).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PipelineError(f"{label}: job spec not found") from None
+    except IsADirectoryError:
+        raise PipelineError(f"{label}: is a directory, expected a YAML job spec file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"{label}: cannot read job spec: {exc}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise PipelineError(f"{label}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raise PipelineError(f"{label}: is empty, expected a mapping of job settings")
+    if not isinstance(raw, dict):
+        raise PipelineError(f"{label}: top level must be a mapping of job settings, got {type(raw).__name__}")
+    return raw
+
+
+# --------------------------------------------------------------------------- ${ENV} interpolation
+
+
+def _interpolate_env(value: Any, label: str, path: tuple[Any, ...]) -> Any:
+    if isinstance(value, dict):
+        return {key: _interpolate_env(item, label, (*path, key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate_env(item, label, (*path, i)) for i, item in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise PipelineError(
+            f"{label}: {_dotted(path)}: environment variable {name} is not set "
+            f"(export it, or write ${{{name}:-default}})"
+        )
+
+    return _ENV_PATTERN.sub(substitute, value)
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+
+def _apply_override(raw: dict[str, Any], override: str, label: str) -> None:
+    key_path, sep, text = override.partition("=")
+    keys = key_path.strip().split(".")
+    if not sep or not all(keys):
+        raise PipelineError(f"--set {override!r}: expected key.path=value, e.g. stages.finetune.epochs=3")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"--set {key_path}: value {text!r} is not a YAML value: {exc}") from None
+
+    model: type[BaseModel] | None = JobConfig
+    node = raw
+    for depth, key in enumerate(keys):
+        here = ".".join(keys[: depth + 1])
+        if model is not None:  # typed level: the key must be a field
+            fields = model.model_fields
+            if key not in fields:
+                raise PipelineError(f"--set {key_path}: unknown key '{here}'{_suggest(key, fields)}")
+            next_model = _model_of(fields[key].annotation)
+            is_mapping = next_model is not None or _is_free_mapping(fields[key].annotation)
+        else:  # free-form dict (model.kwargs, deepspeed.config_overrides, ...): any key
+            next_model, is_mapping = None, True
+        if depth == len(keys) - 1:
+            node[key] = value
+            return
+        if not is_mapping:
+            raise PipelineError(f"--set {key_path}: '{here}' is a value, not a section with sub-keys")
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node, model = child, next_model
+
+
+# --------------------------------------------------------------------------- error wording
+
+
+def _describe_errors(exc: ValidationError) -> list[str]:
+    """One line per key; a union field's alternatives ("'pretrain' or 'scratch'", "a string") share one."""
+    problems: dict[str, tuple[list[str], str]] = {}
+    for err in exc.errors():
+        where, message, got = _describe_error(err)
+        messages, _ = problems.setdefault(where, ([], got))
+        messages.append(message)
+    return [f"{where}: {', or '.join(messages)}{got}" for where, (messages, got) in problems.items()]
+
+
+def _describe_error(err: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(key path, message, " (got value)" or "") for one pydantic error."""
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    where = _dotted(loc) or "(top level)"
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        fields = parent.model_fields if parent is not None else {}
+        return where, f"unknown key{_suggest(str(loc[-1]), fields)}", ""
+    if kind == "missing":
+        return where, "required key is missing", ""
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if kind.startswith("value_error") or kind == "assertion_error":
+        return where, message, ""
+    shown = _MASK if _is_secret_location(loc) else _short_repr(err.get("input"))
+    return where, message, f" (got {shown})"
+
+
+def _suggest(key: str, allowed: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.6)
+    return f"; did you mean '{matches[0]}'?" if matches else ""
+
+
+def _dotted(loc: Iterable[Any]) -> str:
+    return ".".join(str(part) for part in loc if not _is_union_tag(part))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member it tried into loc, e.g. "literal['pretrain','scratch']" or "str"
+    return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none"} or "[" in part)
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _model_at(loc: Iterable[Any]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = JobConfig
+    for part in loc:
+        if model is None:
+            return None
+        if isinstance(part, int) or _is_union_tag(part) or part not in model.model_fields:
+            continue
+        model = _model_of(model.model_fields[part].annotation)
+    return model
+
+
+def _is_secret_location(loc: tuple[Any, ...]) -> bool:
+    parent = _model_at(loc[:-1])
+    name = str(loc[-1]) if loc else ""
+    if parent is not None and name in parent.model_fields:
+        if _contains_type(parent.model_fields[name].annotation, SecretStr):
+            return True
+    return bool(_SECRET_KEY_PATTERN.search(name))
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The settings class inside an annotation such as `ShardBuildSettings | None`, if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_free_mapping(annotation: Any) -> bool:
+    if annotation is dict or get_origin(annotation) is dict:
+        return True
+    return any(_is_free_mapping(arg) for arg in get_args(annotation))  # e.g. dict[str, Any] | None
+
+
+def _contains_type(annotation: Any, wanted: type) -> bool:
+    return annotation is wanted or any(_contains_type(arg, wanted) for arg in get_args(annotation))
+
+
+# --------------------------------------------------------------------------- MLflow params
+
+
+def _flatten_into(flat: dict[str, str], prefix: str, value: Any) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if _SECRET_KEY_PATTERN.search(str(key)) and item is not None and not isinstance(item, dict):
+                flat[name] = _MASK
+            else:
+                _flatten_into(flat, name, item)
+        return
+    if isinstance(value, SecretStr):
+        text = _MASK
+    elif isinstance(value, (list, tuple, dict)):
+        text = json.dumps(_jsonable(value))
+    else:
+        text = str(value)
+    if len(text) > MLFLOW_MAX_PARAM_LENGTH:
+        text = text[: MLFLOW_MAX_PARAM_LENGTH - 3] + "..."
+    flat[prefix] = text
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return _MASK
+    if isinstance(value, dict):
+        return {
+            str(k): _MASK if _SECRET_KEY_PATTERN.search(str(k)) and isinstance(v, str) else _jsonable(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
