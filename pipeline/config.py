@@ -161,6 +161,7 @@ class EvaluateSettings(Settings):
     batch_size: int = Field(128, gt=0)
     split: Literal["val", "train"] = "val"
     energy_batches: int = Field(4, ge=1, description="batches used for firing rates / energy")
+    export: str | None = Field(None, description="classifier export URL to evaluate; default: the finetune output")
 
 
 class StagesSettings(Settings):
