@@ -1,1 +1,27 @@
-"""Spikformer V1/V2 networks: pure PyTorch + timm."""
+"""Spikformer V1/V2 networks: pure PyTorch + timm (no pipeline, Ray, MLflow or DeepSpeed imports).
+
+Importing this package registers the variants with timm, so ``timm.create_model("spikformer_v2_8_512")``
+works after ``import models``.
+"""
+
+from .checkpoint import CheckpointMismatchError, load_spikformer_v1_checkpoint
+from .energy import EnergyReport, count_flops, firing_rates, measure_energy
+from .neuron import MultiStepLIF, lif_multistep
+from .spikformer import (
+    MLP,
+    SCS,
+    SPS,
+    SSA,
+    Block,
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    Spikformer,
+    create,
+    list_models,
+)
+
+__all__ = [
+    "Block", "CheckpointMismatchError", "EnergyReport", "MLP", "MaskedBatchNorm1d", "MaskedBatchNorm2d",
+    "MultiStepLIF", "SCS", "SPS", "SSA", "Spikformer", "count_flops", "create", "firing_rates",
+    "lif_multistep", "list_models", "load_spikformer_v1_checkpoint", "measure_energy",
+]

@@ -1,0 +1,152 @@
+"""Multi-step leaky integrate-and-fire (LIF) neuron with a sigmoid surrogate gradient.
+
+Dynamics (SpikingJelly's multi-step LIF with ``decay_input=True``, as used by Spikformer):
+
+    H[t] = V[t-1] + (X[t] - (V[t-1] - V_reset)) / tau        # charge
+    S[t] = Heaviside(H[t] - V_th)                           # fire (1 if H >= V_th)
+    V[t] = H[t] * (1 - S[t]) + V_reset * S[t]               # hard reset (V_reset is a number)
+    V[t] = H[t] - V_th * S[t]                               # soft reset (V_reset is None)
+
+``V[-1] = V_reset`` (0 for a soft reset). The reset uses ``S`` detached from the graph when
+``detach_reset`` is set (Spikformer does). The backward pass of the Heaviside step is the derivative
+of ``sigmoid(alpha * x)``, ``alpha * sig(alpha x) * (1 - sig(alpha x))`` with ``x = H - V_th``.
+
+The membrane state lives only inside one call, so no global ``reset_net`` is needed between batches.
+All time steps are in the input tensor ``[T, B, ...]``.
+
+``lif_multistep`` is the single dispatch point: it looks up an implementation by backend name, so a
+fused kernel can be registered with ``register_lif_backend`` and selected per module without touching
+the networks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+LifImpl = Callable[[torch.Tensor, float, float, "float | None", float, bool], torch.Tensor]
+
+
+class SigmoidSurrogateSpike(torch.autograd.Function):
+    """Heaviside step forward, derivative of sigmoid(alpha * x) backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (x,) = ctx.saved_tensors
+        sig = torch.sigmoid(ctx.alpha * x)
+        return grad_output * (ctx.alpha * sig * (1.0 - sig)), None
+
+
+def spike(x: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
+    """Heaviside(x) with the sigmoid surrogate gradient of slope ``alpha``."""
+    return SigmoidSurrogateSpike.apply(x, alpha)
+
+
+def lif_step(
+    v: torch.Tensor,
+    x_t: torch.Tensor,
+    tau: float,
+    v_threshold: float,
+    v_reset: float | None,
+    alpha: float,
+    detach_reset: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One time step: returns (spike S[t], charged potential H[t], membrane after reset V[t])."""
+    h = v + (x_t - (v - (0.0 if v_reset is None else v_reset))) / tau
+    s = spike(h - v_threshold, alpha)
+    s_reset = s.detach() if detach_reset else s
+    if v_reset is None:
+        v_next = h - v_threshold * s_reset
+    else:
+        v_next = h * (1.0 - s_reset) + v_reset * s_reset
+    return s, h, v_next
+
+
+def lif_multistep_reference(
+    x: torch.Tensor,
+    tau: float,
+    v_threshold: float,
+    v_reset: float | None,
+    alpha: float,
+    detach_reset: bool,
+) -> torch.Tensor:
+    """Pure PyTorch LIF over the leading time dimension of ``x`` ([T, B, ...]); returns spikes."""
+    v = torch.zeros_like(x[0]) if v_reset is None else torch.full_like(x[0], v_reset)
+    spikes = []
+    for x_t in x:
+        s, _, v = lif_step(v, x_t, tau, v_threshold, v_reset, alpha, detach_reset)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
+_BACKENDS: dict[str, LifImpl] = {"torch": lif_multistep_reference}
+
+
+def register_lif_backend(name: str, impl: LifImpl) -> None:
+    """Make ``impl`` selectable as ``MultiStepLIF(backend=name)``; same signature as the reference."""
+    _BACKENDS[name] = impl
+
+
+def lif_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def lif_multistep(
+    x: torch.Tensor,
+    tau: float = 2.0,
+    v_threshold: float = 1.0,
+    v_reset: float | None = 0.0,
+    alpha: float = 4.0,
+    detach_reset: bool = True,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """Spikes [T, B, ...] of a LIF neuron driven by ``x`` [T, B, ...], using the chosen backend."""
+    try:
+        impl = _BACKENDS[backend]
+    except KeyError:
+        raise ValueError(f"unknown LIF backend {backend!r}; registered: {lif_backends()}") from None
+    if x.dim() < 2:
+        raise ValueError(f"LIF input must be [T, B, ...], got shape {tuple(x.shape)}")
+    return impl(x, tau, v_threshold, v_reset, alpha, detach_reset)
+
+
+class MultiStepLIF(nn.Module):
+    """LIF neuron layer over [T, B, ...] inputs (defaults: Spikformer's tau=2, V_th=1, V_reset=0)."""
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float = 1.0,
+        v_reset: float | None = 0.0,
+        alpha: float = 4.0,
+        detach_reset: bool = True,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        self.tau = tau
+        self.v_threshold = v_threshold
+        self.v_reset = v_reset
+        self.alpha = alpha
+        self.detach_reset = detach_reset
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lif_multistep(
+            x, self.tau, self.v_threshold, self.v_reset, self.alpha, self.detach_reset, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"tau={self.tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
+            f"alpha={self.alpha}, detach_reset={self.detach_reset}, backend={self.backend!r}"
+        )
