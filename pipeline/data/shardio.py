@@ -42,8 +42,9 @@ class EncodeOptions:
 _OBJECT_REPR = re.compile(r" ?<[^>]* at 0x[0-9a-fA-F]+>")
 
 
-def _reason(exc: BaseException) -> str:
-    return _OBJECT_REPR.sub("", f"{type(exc).__name__}: {exc}")
+def short_reason(exc: BaseException) -> str:
+    """'Type: message' without '<object at 0x...>' noise (webdataset appends the file object)."""
+    return _OBJECT_REPR.sub("", f"{type(exc).__name__}: {exc}").replace(" @ ", " ").strip()
 
 
 def encode_image(data: bytes, options: EncodeOptions) -> tuple[str, bytes, int, int]:
@@ -75,7 +76,7 @@ def encode_image(data: bytes, options: EncodeOptions) -> tuple[str, bytes, int, 
             image.save(buffer, format="PNG")
             return "png", buffer.getvalue(), width, height
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        raise CorruptImage(_reason(exc)) from None
+        raise CorruptImage(short_reason(exc)) from None
 
 
 def sample_record(

@@ -1,0 +1,595 @@
+"""Stream a shard set into training or evaluation: distributed, deterministic, resumable.
+
+API (what the stages use; keep it stable)
+
+    loader = build_loader(manifest_url, role, *, batch_size, img_size, rank=0, world_size=1,
+                          num_workers=2, seed=0, epoch=0, start_batch=0, augment=None,
+                          on_error="raise", shuffle_buffer=1000, pin_memory=False, with_keys=False)
+    len(loader)                # batches this iteration yields (= batches_per_epoch - start_batch)
+    for images, labels in loader:   # float [B, 3, img_size, img_size] normalised, long [B]
+        ...                         # with_keys=True: (images, labels, keys), keys a list of B str ("" = pad)
+    loader.skipped             # samples skipped for corrupt data in the last/current iteration (this rank)
+    loader.set_epoch(epoch, start_batch=0)   # then iterate again for the next epoch
+    loader.batches_per_epoch, loader.manifest, loader.classes, loader.num_samples
+
+role: "pretrain" (RandomResizedCrop 0.2-1 + flip), "train" (RandAugment + random erasing) or
+"eval" (centre crop); `augment` overrides the timm create_transform options (transforms.py).
+Grayscale/CMYK/palette images are converted to RGB.
+
+How the epoch is cut (G = world_size * max(num_workers, 1) readers; reader g = rank * workers + worker)
+- Shards are shuffled with a seed derived from (seed, epoch), the same on every rank, then dealt to
+  readers: shard i goes to reader i mod G. With fewer shards than readers, readers share a shard
+  and each keeps every k-th sample of it (k = readers sharing it), so nothing is read twice per pass.
+- pretrain/train: every reader yields exactly ceil(num_samples / (G * batch_size)) full batches,
+  re-reading its shards (in a new order) when they run out. So every rank yields the same number
+  of batches, `workers * that`, and an epoch is at least one pass over the data (timm's
+  reader_wds does the same). Samples are mixed by a shuffle buffer seeded from (seed, epoch, reader).
+- eval: shards in manifest order, no shuffling, each sample read by exactly one reader. Batches are
+  always full: the last batch of a reader is padded, and readers of ranks with fewer samples get
+  extra padding batches so all ranks yield the same count. Padding has label -1; dropping label -1
+  leaves exactly the manifest's samples, each once across all ranks.
+
+Determinism and resume
+- The DataLoader takes one batch from each worker in turn, so rank batch t comes from worker
+  t mod workers (eval: round robin over the workers that still have batches). Given (epoch,
+  start_batch), each worker skips the raw samples of the batches it had already delivered (without
+  decoding them, unless on_error="skip", where failures must be known) and continues; the batches
+  after the resume point are identical to an uninterrupted run's.
+- Augmentation randomness is re-seeded before every sample from (seed, epoch, rank, worker,
+  position in the worker's stream) for python `random`, numpy and torch (all three are used by
+  timm transforms). With num_workers=0 the caller's RNG states are saved and restored around it.
+
+Corrupt data (on_error)
+- "raise": a truncated/unreadable shard or an undecodable sample raises PipelineError naming the
+  shard URL and the sample key.
+- "skip": a warning is logged and the sample (or the rest of a truncated shard) is skipped; train
+  readers fill the batch from the next samples, eval replaces each lost sample by padding (label -1),
+  so batch counts never change. `loader.skipped` counts them for this rank: a shared counter that
+  DataLoader worker processes add to; it is exact once the iteration has finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import math
+import random
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from pipeline.data.manifest import Manifest, load_manifest, manifest_digest  # noqa: F401 (re-exported)
+from pipeline.data.shardio import image_ext, iter_tar_samples, short_reason
+from pipeline.data.transforms import ROLES, build_transform
+from pipeline.errors import PipelineError
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR = ("raise", "skip")
+_PAD = None  # eval padding item in a reader's stream
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+# purposes, so the derived seeds of different uses never coincide
+_SHARD_ORDER, _PASS_ORDER, _BUFFER, _SAMPLE = 1, 2, 3, 4
+
+
+# --------------------------------------------------------------------------- epoch planning (pure)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Samples j of shard `shard` with j % parts == part."""
+
+    shard: int
+    part: int = 0
+    parts: int = 1
+
+    def size(self, shard_samples: list[int]) -> int:
+        return len(range(self.part, shard_samples[self.shard], self.parts))
+
+
+@dataclass(frozen=True)
+class ReaderPlan:
+    units: tuple[Unit, ...]
+    batches: int  # batches this reader yields in the whole epoch
+    real_samples: int  # eval: samples before padding; train: samples it delivers (batches * batch)
+
+
+def _deal_units(order: list[int], readers: int) -> list[tuple[Unit, ...]]:
+    n = len(order)
+    if n >= readers:
+        return [tuple(Unit(order[i]) for i in range(g, n, readers)) for g in range(readers)]
+    return [(Unit(order[g % n], g // n, len(range(g % n, readers, n))),) for g in range(readers)]
+
+
+def plan_epoch(
+    shard_samples: list[int],
+    role: str,
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    num_workers: int,
+    batch_size: int,
+) -> list[list[ReaderPlan]]:
+    """plans[rank][worker] for one epoch; a pure function of its arguments."""
+    workers = max(num_workers, 1)
+    readers = world_size * workers
+    total = sum(shard_samples)
+    if total == 0 or not shard_samples:
+        raise PipelineError("the manifest lists no samples")
+    order = list(range(len(shard_samples)))
+    if role != "eval":
+        random.Random(_seed(_SHARD_ORDER, seed, epoch)).shuffle(order)
+    units = _deal_units(order, readers)
+    if role != "eval":
+        per_reader = math.ceil(total / (readers * batch_size))
+        flat = [ReaderPlan(u, per_reader, per_reader * batch_size) for u in units]
+        for plan in flat:
+            if sum(unit.size(shard_samples) for unit in plan.units) == 0:
+                raise PipelineError(
+                    f"a reader got only empty shards ({plan.units}); write more samples per shard"
+                )
+        return [flat[r * workers : (r + 1) * workers] for r in range(world_size)]
+    real = [sum(unit.size(shard_samples) for unit in u) for u in units]
+    batches = [math.ceil(n / batch_size) for n in real]
+    per_rank = [sum(batches[r * workers : (r + 1) * workers]) for r in range(world_size)]
+    target = max(per_rank)
+    for r in range(world_size):
+        for extra in range(
+            target - per_rank[r]
+        ):  # padding batches, dealt round robin over the rank's workers
+            batches[r * workers + extra % workers] += 1
+    flat = [ReaderPlan(u, b, n) for u, b, n in zip(units, batches, real, strict=True)]
+    return [flat[r * workers : (r + 1) * workers] for r in range(world_size)]
+
+
+def batches_before(worker_batches: list[int], start_batch: int) -> list[int]:
+    """How many batches each worker delivered among the first `start_batch` loader batches.
+
+    The DataLoader takes batches from its workers in turn, skipping workers that are exhausted.
+    """
+    done = [0] * len(worker_batches)
+    remaining = start_batch
+    while remaining > 0:
+        progressed = False
+        for w, total in enumerate(worker_batches):
+            if remaining == 0:
+                break
+            if done[w] < total:
+                done[w] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError(f"start_batch {start_batch} is beyond the epoch ({sum(worker_batches)} batches)")
+    return done
+
+
+# --------------------------------------------------------------------------- reading (runs in workers)
+
+
+class _SkipCounter:
+    """Counts skipped samples across DataLoader worker processes (a shared-memory integer)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._value = multiprocessing.Value("q", 0)
+
+    def add(self, n: int) -> None:
+        if n:
+            with self._value.get_lock():
+                self._value.value += n
+
+    def reset(self) -> None:
+        with self._value.get_lock():
+            self._value.value = 0
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+
+@dataclass
+class _Raw:
+    url: str
+    key: str
+    sample: dict[str, Any]
+
+
+class _RngGuard:
+    """Save and restore the global random/numpy/torch-CPU RNG states (used in the main process only)."""
+
+    def __enter__(self) -> None:
+        self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+
+    def __exit__(self, *exc: object) -> None:
+        random.setstate(self.states[0])
+        np.random.set_state(self.states[1])
+        torch.set_rng_state(self.states[2])
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The IterableDataset behind the loader; yields whole batches. Picklable for DataLoader workers."""
+
+    def __init__(
+        self,
+        urls: list[str],
+        shard_samples: list[int],
+        role: str,
+        *,
+        batch_size: int,
+        img_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        augment: Mapping[str, Any] | None,
+        on_error: str,
+        shuffle_buffer: int,
+        with_keys: bool = False,
+    ):
+        self.urls = urls
+        self.shard_samples = shard_samples
+        self.role = role
+        self.batch_size = batch_size
+        self.img_size = img_size
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.augment = dict(augment or {})
+        self.on_error = on_error
+        self.shuffle_buffer = shuffle_buffer
+        self.with_keys = with_keys
+        self.epoch = 0
+        self.start_batch = 0
+        self.counter = _SkipCounter()
+        self._transform: Callable[[Any], Any] | None = None
+        self._counting = True
+
+    # ----------------------------------------------------------------- plan
+
+    def rank_plan(self) -> list[ReaderPlan]:
+        return plan_epoch(
+            self.shard_samples,
+            self.role,
+            seed=self.seed,
+            epoch=self.epoch,
+            world_size=self.world_size,
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+        )[self.rank]
+
+    # ----------------------------------------------------------------- iteration
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        if info is not None and info.num_workers != max(self.num_workers, 1):
+            raise RuntimeError(
+                f"stream planned for {self.num_workers} workers, DataLoader has {info.num_workers}"
+            )
+        plans = self.rank_plan()
+        skip = batches_before([p.batches for p in plans], self.start_batch)[worker]
+        if self._transform is None:
+            self._transform = build_transform(self.role, self.img_size, self.augment)
+        yield from self._batches(plans[worker], worker, skip, main_process=info is None)
+
+    def _batches(
+        self, plan: ReaderPlan, worker: int, skip: int, main_process: bool
+    ) -> Iterator[tuple[Any, Any]]:
+        items = self._eval_items(plan) if self.role == "eval" else self._train_items(plan, worker)
+        position = 0
+        self._counting = False
+        for _ in range(skip * self.batch_size):  # resume: consume what earlier batches used
+            position = self._skip_one(items, position)
+        self._counting = True
+        for _ in range(plan.batches - skip):
+            images, labels, keys = [], [], []
+            while len(labels) < self.batch_size:
+                image, label, key = self._next_ready(items, worker, position, main_process)
+                position += 1
+                images.append(image)
+                labels.append(label)
+                keys.append(key)
+            batch = (torch.stack(images), torch.tensor(labels, dtype=torch.long))
+            yield (*batch, keys) if self.with_keys else batch
+
+    def _skip_one(self, items: Iterator[_Raw | None], position: int) -> int:
+        if self.role == "eval" or self.on_error == "raise":
+            next(items)
+            return position + 1
+        while True:  # train with on_error="skip": only decodable samples took a position
+            raw = next(items)
+            if raw is not None and self._decode(raw, quiet=True) is not None:
+                return position + 1
+
+    def _next_ready(
+        self, items: Iterator[_Raw | None], worker: int, position: int, main_process: bool
+    ) -> tuple[Any, int, str]:
+        while True:
+            raw = next(items)
+            decoded = None if raw is None else self._decode(raw)
+            if decoded is not None:
+                return self._augment(decoded[0], worker, position, main_process), decoded[1], raw.key
+            if self.role == "eval":
+                return self._pad(), -1, ""
+            # train with on_error="skip": the next sample takes this position
+
+    def _pad(self) -> Any:
+        return torch.zeros(3, self.img_size, self.img_size)
+
+    def _augment(self, image: Any, worker: int, position: int, main_process: bool) -> Any:
+        assert self._transform is not None
+        sample_seed = _seed(_SAMPLE, self.seed, self.epoch, self.rank, worker, position)
+        if main_process:
+            with _RngGuard():
+                return self._seeded_transform(image, sample_seed)
+        return self._seeded_transform(image, sample_seed)
+
+    def _seeded_transform(self, image: Any, sample_seed: int) -> Any:
+        assert self._transform is not None
+        random.seed(sample_seed)
+        np.random.seed(sample_seed % 2**32)
+        torch.default_generator.manual_seed(sample_seed)  # CPU only: leaves CUDA generators alone
+        return self._transform(image)
+
+    # ----------------------------------------------------------------- decoding and errors
+
+    def _fail(self, message: str, count: int = 1, quiet: bool = False) -> None:
+        if self.on_error == "raise":
+            raise PipelineError(message)
+        if not quiet:
+            logger.warning("%s (skipped)", message)
+        if self._counting:
+            self.counter.add(count)
+
+    def _decode(self, raw: _Raw, quiet: bool = False) -> tuple[Any, int] | None:
+        from PIL import Image
+
+        try:
+            ext = image_ext(raw.sample)
+            if ext is None or "cls" not in raw.sample:
+                raise ValueError(f"sample has no image or no .cls ({sorted(raw.sample)})")
+            label = int(raw.sample["cls"])
+            with Image.open(io.BytesIO(raw.sample[ext])) as image:
+                return image.convert("RGB"), label
+        except Exception as exc:
+            self._fail(f"{raw.url}: sample {raw.key!r}: cannot decode: {short_reason(exc)}", quiet=quiet)
+            return None
+
+    # ----------------------------------------------------------------- raw sample streams
+
+    def _read_unit(self, unit: Unit) -> Iterator[_Raw]:
+        """The unit's samples in shard order; a truncated/unreadable shard is raised or skipped."""
+        import fsspec
+
+        url = self.urls[unit.shard]
+        expected = unit.size(self.shard_samples)
+        delivered = 0
+        last_key = None
+        try:
+            with fsspec.open(url, "rb") as fh:
+                for index, sample in enumerate(iter_tar_samples(fh, url)):
+                    last_key = sample["__key__"]
+                    if index % unit.parts == unit.part:
+                        delivered += 1
+                        yield _Raw(url, last_key, sample)
+        except GeneratorExit:
+            raise
+        except Exception as exc:
+            where = f"after sample {last_key!r}" if last_key else "at the start"
+            self._fail(
+                f"{url}: corrupt or truncated shard {where}: {short_reason(exc)}",
+                count=max(expected - delivered, 0),
+            )
+            return
+        if delivered < expected:
+            self._fail(
+                f"{url}: shard ends after {delivered} of {expected} samples (last {last_key!r})",
+                count=expected - delivered,
+            )
+
+    def _train_items(self, plan: ReaderPlan, worker: int) -> Iterator[_Raw | None]:
+        reader = self.rank * max(self.num_workers, 1) + worker
+
+        def one_pass(units: list[Unit]) -> Iterator[_Raw]:
+            for unit in units:
+                yield from self._read_unit(unit)
+
+        def passes() -> Iterator[Iterator[_Raw]]:
+            # every pass is shuffled and flushed on its own, so an epoch covers each sample before repeating
+            units = list(plan.units)
+            for pass_index in itertools.count():
+                if pass_index:
+                    random.Random(_seed(_PASS_ORDER, self.seed, self.epoch, reader, pass_index)).shuffle(
+                        units
+                    )
+                counted = _Counted(one_pass(units))
+                yield counted
+                if counted.n == 0:
+                    shards = [self.urls[u.shard] for u in units]
+                    raise PipelineError(f"reader {reader}: shards {shards} yield no readable samples")
+
+        rng = random.Random(_seed(_BUFFER, self.seed, self.epoch, reader))
+        for pass_items in passes():
+            yield from _shuffle_buffer(pass_items, self.shuffle_buffer, rng)
+
+    def _eval_items(self, plan: ReaderPlan) -> Iterator[_Raw | None]:
+        emitted = 0
+        for unit in plan.units:
+            expected = unit.size(self.shard_samples)
+            got = 0
+            for raw in self._read_unit(unit):
+                if got == expected:  # more samples than the manifest says: ignore the extra ones
+                    break
+                got += 1
+                yield raw
+            emitted += expected
+            for _ in range(expected - got):  # lost to a truncated shard (already counted): pad
+                yield _PAD
+        for _ in range(plan.batches * self.batch_size - emitted):
+            yield _PAD
+
+
+def _shuffle_buffer(items: Iterator[_Raw], size: int, rng: random.Random) -> Iterator[_Raw]:
+    """Bounded-buffer shuffle of a finite stream (flushed at its end)."""
+    buffer: list[_Raw] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _Counted:
+    """Wraps an iterator and counts what it yielded."""
+
+    def __init__(self, items: Iterator[_Raw]):
+        self.items = items
+        self.n = 0
+
+    def __iter__(self) -> Iterator[_Raw]:
+        for item in self.items:
+            self.n += 1
+            yield item
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+class ShardLoader:
+    """A torch DataLoader over a ShardStream with exact per-rank epoch length and resume."""
+
+    def __init__(self, manifest: Manifest, stream: ShardStream, num_workers: int, pin_memory: bool):
+        self.manifest = manifest
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self.stream.epoch
+
+    @property
+    def start_batch(self) -> int:
+        return self.stream.start_batch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return sum(plan.batches for plan in self.stream.rank_plan())
+
+    @property
+    def skipped(self) -> int:
+        return self.stream.counter.value
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.stream.epoch = epoch
+        total = self.batches_per_epoch
+        if not 0 <= start_batch <= total:
+            raise ValueError(f"start_batch {start_batch} outside 0..{total} (batches per epoch on this rank)")
+        self.stream.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.stream.start_batch
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        self.stream.counter.reset()
+        expected = len(self)
+        if expected == 0:
+            return
+        loader = torch.utils.data.DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if count != expected:
+            raise RuntimeError(
+                f"loader yielded {count} batches, planned {expected} (a bug in pipeline.data.stream)"
+            )
+
+
+def build_loader(
+    manifest_url: str,
+    role: str,
+    *,
+    batch_size: int,
+    img_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    epoch: int = 0,
+    start_batch: int = 0,
+    augment: Mapping[str, Any] | None = None,
+    on_error: str = "raise",
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+    with_keys: bool = False,
+) -> ShardLoader:
+    """The loader for one rank; see the module docstring for the semantics."""
+    if role not in ROLES:
+        raise PipelineError(f"unknown data role {role!r}; use one of {', '.join(ROLES)}")
+    if on_error not in ON_ERROR:
+        raise PipelineError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1 or img_size < 1 or num_workers < 0 or shuffle_buffer < 1:
+        raise PipelineError(
+            f"need batch_size >= 1, img_size >= 1, num_workers >= 0, shuffle_buffer >= 1 "
+            f"(got {batch_size}, {img_size}, {num_workers}, {shuffle_buffer})"
+        )
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise PipelineError(f"rank {rank} is not in 0..{world_size - 1}")
+    manifest = load_manifest(manifest_url)
+    build_transform(role, img_size, augment)  # fail early, in the caller, on bad augment options
+    stream = ShardStream(
+        manifest.shard_urls(),
+        [shard.samples for shard in manifest.shards],
+        role,
+        batch_size=batch_size,
+        img_size=img_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        augment=augment,
+        on_error=on_error,
+        shuffle_buffer=shuffle_buffer,
+        with_keys=with_keys,
+    )
+    loader = ShardLoader(manifest, stream, num_workers, pin_memory)
+    loader.set_epoch(epoch, start_batch)
+    return loader
