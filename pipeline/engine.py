@@ -1,0 +1,535 @@
+"""The DeepSpeed training engine every stage uses: build, step, checkpoint, resume, export.
+
+    engine = build_engine(model, job.deepspeed, stage.optimizer, stage, loss_fn=..., steps_per_epoch=...)
+    state = engine.resume(ckpt_dir)                  # None on a fresh start
+    while not engine.finished:
+        out = engine.train_step(micro_batches, skipped_samples=loader.skipped)   # one optimizer step
+        if out.metrics: ctx.log_metrics(out.metrics, out.step)
+        if engine.should_checkpoint(): engine.save_checkpoint(ckpt_dir, epoch=e, batch_in_epoch=b)
+    engine.save_checkpoint(ckpt_dir, ...); engine.export(url, variant=..., kwargs=...)
+
+Decisions
+- Distributed: an existing torch.distributed group (torchrun, Ray Train) is reused; otherwise one is
+  made with `deepspeed.init_distributed` (a single-process group when no launcher env is set).
+  Backend: nccl on CUDA, gloo on CPU. Precision "auto" means bf16 on CUDA and fp32 on CPU (bf16 on
+  CPUs without AMX/AVX512-BF16 is emulated and slow). In bf16 mode floating inputs are cast to bf16
+  before the loss function sees them (DeepSpeed keeps the module's weights in bf16).
+- DeepSpeed's CPU shared-memory comm op (`deepspeed_shm_comm`) is switched OFF on CPU: DeepSpeed
+  would JIT-compile it with g++ on the first init of every fresh machine (~70 s on 2 cores, and a
+  hard error where no compiler exists). gloo then carries all collectives, which at our CPU scale
+  (2 ranks, small tensors) costs nothing measurable. The switch is the op-compatibility table that
+  `deepspeed/comm/torch.py:build_shm_op` consults (`deepspeed.ops.__compatible_ops__`, probed
+  lazily in 0.19); a test runs with CXX=/nonexistent and an empty TORCH_EXTENSIONS_DIR and checks
+  nothing is built. Set PIPELINE_DS_SHM_COMM=1 to keep the op (e.g. after a
+  `DS_BUILD_SHM_COMM=1` pre-built install on a big CPU box).
+- Optimizer: torch AdamW as a client optimizer over timm param groups (pipeline.optim); DeepSpeed's
+  fused/CPU Adam would compile C++ first. The timm cosine schedule is stepped by the engine once
+  per optimizer step (never per micro-step) and its state travels in the checkpoint's client_state.
+- One `train_step` call = one optimizer step over `grad_accum_steps` micro-batches. Each step
+  all-reduces one small vector (non-finite flag, loss, images, skipped samples): a NaN/inf loss on any
+  rank raises PipelineError on all ranks before the optimizer step, and the engine refuses to save
+  afterwards, so the last good checkpoint stays `latest`.
+- BatchNorm running statistics: DeepSpeed (unlike torch DDP) never syncs buffers, so every rank's
+  running mean/var drift apart, and a checkpoint keeps only rank 0's. Before every checkpoint and
+  export the engine averages them over ranks (timm's `distribute_bn(reduce=True)`), so all ranks
+  hold the same buffers, a resumed run continues bit-exactly, and the export uses all ranks' data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from timm.utils import distribute_bn
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings
+from pipeline.errors import PipelineError
+from pipeline.export import write_export
+from pipeline.metrics import IntervalMeter, peak_memory_mb
+from pipeline.optim import build_optimizer, build_scheduler, resolve_lr, schedule_length
+
+logger = logging.getLogger(__name__)
+
+# (model, batch) -> loss, or (loss, {name: float}) for extra metrics averaged over the log interval.
+LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]"]
+# (module, batch) -> {layer name: firing rate}; called in eval mode under no_grad on every rank.
+FiringRateFn = Callable[[torch.nn.Module, Any], Mapping[str, float]]
+
+_RESERVED_STATE = {"step", "epoch", "batch_in_epoch", "rng", "scheduler", "world_size", "global_batch"}
+
+
+# --------------------------------------------------------------------------- distributed setup
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _disable_cpu_shm_comm() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory comm op (see module docstring)."""
+    if os.environ.get("PIPELINE_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """Join (or create) the process group DeepSpeed will use; returns (rank, world_size, local_rank)."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        _disable_cpu_shm_comm()
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        # No launcher: a one-process group, so the same code runs in a notebook or a quick test.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def use_bf16(ds: DeepSpeedSettings) -> bool:
+    return ds.precision == "bf16" or (ds.precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(ds: DeepSpeedSettings, loop: LoopSettings, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for these settings (`config_overrides` merged last)."""
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": loop.batch_size,
+        "gradient_accumulation_steps": loop.grad_accum_steps,
+        "train_batch_size": loop.batch_size * loop.grad_accum_steps * world_size,
+        "gradient_clipping": ds.grad_clip or 0.0,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": use_bf16(ds)},
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(config, ds.config_overrides)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None) -> Any:
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return batch.to(float_dtype) if float_dtype is not None and batch.is_floating_point() else batch
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device, float_dtype) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device, float_dtype) for v in batch)
+    return batch
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    values = (
+        batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    )
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
+
+
+def default_firing_rates() -> FiringRateFn | None:
+    """`models.energy.firing_rates` applied to the batch's images (first tensor), if models provides it."""
+    try:
+        from models.energy import firing_rates
+    except ImportError:
+        return None
+
+    def rates(module: torch.nn.Module, batch: Any) -> Mapping[str, float]:
+        return firing_rates(module, _first_tensor(batch))
+
+    return rates
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass
+class StepOutput:
+    step: int  # optimizer steps completed (1 after the first call)
+    loss: float  # this step's loss, averaged over micro-batches and ranks
+    metrics: dict[str, float] | None  # filled at log steps (every loop.log_every_steps), else None
+
+
+class TrainEngine:
+    """A DeepSpeed engine plus the schedule, metrics, NaN guard, checkpoints and export around it."""
+
+    def __init__(
+        self,
+        ds_engine: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        *,
+        loop: LoopSettings,
+        loss_fn: LossFn,
+        total_steps: int,
+        lr: float,
+        rank: int,
+        world_size: int,
+        local_rank: int,
+        firing_rate_fn: FiringRateFn | None,
+    ) -> None:
+        self.ds = ds_engine
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loop = loop
+        self.loss_fn = loss_fn
+        self.firing_rate_fn = firing_rate_fn
+        self.total_steps = total_steps
+        self.lr = lr  # peak lr (before layer-decay scales)
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.global_batch = loop.batch_size * loop.grad_accum_steps * world_size
+        self.device = torch.device(ds_engine.device)
+        self.compute_dtype = torch.bfloat16 if ds_engine.bfloat16_enabled() else torch.float32
+        self.zero_stage = ds_engine.zero_optimization_stage()
+        self.step = 0
+        self.last_checkpoint: str | None = None
+        self._failed_step: int | None = None
+        self._meter = IntervalMeter()
+
+    # ----------------------------------------------------------------- properties
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def current_lr(self) -> float:
+        """The largest group lr right now (the un-decayed one under layer decay)."""
+        return max(group["lr"] for group in self.optimizer.param_groups)
+
+    def should_checkpoint(self) -> bool:
+        return self.step > 0 and self.step % self.loop.checkpoint.every_steps == 0
+
+    # ----------------------------------------------------------------- training
+
+    def train_step(self, micro_batches: Sequence[Any], *, skipped_samples: int = 0) -> StepOutput:
+        """Forward/backward over `grad_accum_steps` micro-batches, then one optimizer step.
+
+        `skipped_samples` is this rank's running count of samples the loader dropped (bad images);
+        the metrics report its sum over ranks.
+        """
+        if self._failed_step is not None:
+            raise PipelineError(f"training already stopped at step {self._failed_step} (non-finite loss)")
+        if len(micro_batches) != self.loop.grad_accum_steps:
+            raise PipelineError(
+                f"train_step got {len(micro_batches)} micro-batches; loop.grad_accum_steps is "
+                f"{self.loop.grad_accum_steps}"
+            )
+        started = time.perf_counter()
+        step_number = self.step + 1
+        float_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
+        losses, images, aux = [], 0, {}
+        first_batch = None
+        for i, batch in enumerate(micro_batches):
+            batch = _to_device(batch, self.device, float_dtype)
+            first_batch = batch if first_batch is None else first_batch
+            result = self.loss_fn(self.ds, batch)
+            loss, aux = result if isinstance(result, tuple) else (result, aux)
+            self.ds.backward(loss)
+            losses.append(loss.detach().float())
+            first = _first_tensor(batch)
+            images += first.shape[0] if first is not None else 0
+            if i < len(micro_batches) - 1:
+                self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
+        loss_sum = torch.stack(losses).sum()
+        stats = torch.stack(
+            [
+                (~torch.isfinite(loss_sum)).to(torch.float64),
+                torch.nan_to_num(loss_sum.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0),
+                torch.tensor(float(images), dtype=torch.float64, device=loss_sum.device),
+                torch.tensor(float(skipped_samples), dtype=torch.float64, device=loss_sum.device),
+            ]
+        )
+        if dist.is_initialized():
+            dist.all_reduce(stats)
+        bad_ranks, loss_total, images_total, skipped_total = stats.tolist()
+        if bad_ranks > 0:
+            self._failed_step = step_number
+            raise PipelineError(
+                f"non-finite loss (nan/inf) at step {step_number} on {int(bad_ranks)} of {self.world_size} "
+                f"rank(s); stopped without saving. Last good checkpoint: {self.last_checkpoint or 'none'}"
+            )
+        grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
+        self.ds.step()  # the boundary: clip, optimizer step
+        self.step = step_number
+        self.scheduler.step_update(self.step)
+        step_loss = loss_total / (self.world_size * len(micro_batches))
+        self._meter.add(
+            loss=step_loss,
+            images=images_total,
+            compute_s=time.perf_counter() - started,
+            aux={k: float(v) for k, v in aux.items()},
+        )
+        return StepOutput(
+            step=self.step, loss=step_loss, metrics=self._metrics(first_batch, grad_norm, skipped_total)
+        )
+
+    def _stage0_grad_norm(self) -> float:
+        # Without ZeRO, DeepSpeed does not keep the norm; grads are already averaged at this point.
+        grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _metrics(self, batch: Any, grad_norm: float | None, skipped_total: float) -> dict[str, float] | None:
+        metrics: dict[str, float] = {}
+        if self.step % self.loop.log_every_steps == 0 or self.finished:
+            norm = self.ds.get_global_grad_norm() if grad_norm is None else grad_norm
+            metrics.update(self._meter.summary())
+            metrics.update(
+                lr=self.current_lr(),
+                grad_norm=float(norm) if norm is not None else float("nan"),
+                peak_mem_mb=peak_memory_mb(self.device),
+                skipped_samples=skipped_total,
+                progress=self.step / self.total_steps,
+            )
+            self._meter.reset()
+        if self.firing_rate_fn is not None and self.step % self.loop.firing_rate_every_steps == 0:
+            metrics.update({f"firing_rate/{k}": float(v) for k, v in self._firing_rates(batch).items()})
+        return metrics or None
+
+    def _firing_rates(self, batch: Any) -> Mapping[str, float]:
+        # eval mode: running BN stats must not move because of a probe; every rank runs it (ZeRO-3
+        # gathers parameters collectively).
+        module = self.ds.module
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                return self.firing_rate_fn(module, batch)
+        finally:
+            module.train(was_training)
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def sync_batchnorm_stats(self) -> None:
+        """Average BN running mean/var over ranks (see module docstring). Collective."""
+        if self.world_size > 1:
+            distribute_bn(self.ds.module, self.world_size, reduce=True)
+
+    def _is_checkpoint_writer(self) -> bool:
+        return (self.local_rank if self.ds.use_node_local_storage() else self.rank) == 0
+
+    def save_checkpoint(
+        self,
+        ckpt_dir: str | os.PathLike,
+        *,
+        epoch: int,
+        batch_in_epoch: int,
+        extra: Mapping[str, Any] | None = None,
+    ) -> str:
+        """Save tag `step<N>` and publish it as `latest`; returns the tag folder. Collective."""
+        if self._failed_step is not None:
+            raise PipelineError(
+                f"refusing to save a checkpoint after the non-finite loss at step {self._failed_step}"
+            )
+        clash = _RESERVED_STATE & set(extra or {})
+        if clash:
+            raise PipelineError(f"checkpoint extra state uses reserved keys {sorted(clash)}")
+        self.sync_batchnorm_stats()
+        client_state = {
+            "step": self.step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "rng": ckpt.gather_rng_states(),
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.world_size,
+            "global_batch": self.global_batch,
+            **(extra or {}),
+        }
+        tag = ckpt.save(
+            self.ds,
+            ckpt_dir,
+            self.step,
+            client_state,
+            keep_last=self.loop.checkpoint.keep_last,
+            is_writer=self._is_checkpoint_writer(),
+        )
+        self.last_checkpoint = os.path.join(str(ckpt_dir), tag)
+        return self.last_checkpoint
+
+    def resume(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any] | None:
+        """Restore model, optimizer, schedule, step and RNG from `ckpt_dir` (its `latest`, or `tag`).
+
+        Returns the client_state (step, epoch, batch_in_epoch and the stage's extra keys), or None
+        when there is nothing to resume from. Collective.
+        """
+        state = ckpt.load(self.ds, ckpt_dir, tag)
+        if state is None:
+            return None
+        self.step = int(state["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.step_update(self.step)
+        rng = state.get("rng") or []
+        if len(rng) == self.world_size:
+            ckpt.restore_rng(rng[self.rank])
+        else:
+            logger.warning(
+                "checkpoint has RNG states for %d ranks, this run has %d: RNG not restored",
+                len(rng),
+                self.world_size,
+            )
+        if state.get("global_batch") not in (None, self.global_batch):
+            logger.warning(
+                "global batch changed from %s to %d since the checkpoint",
+                state["global_batch"],
+                self.global_batch,
+            )
+        self.last_checkpoint = os.path.join(str(ckpt_dir), tag or ckpt.read_latest(ckpt_dir))
+        self._meter.reset()
+        logger.info(
+            "resumed at step %d (epoch %s, batch %s)",
+            self.step,
+            state.get("epoch"),
+            state.get("batch_in_epoch"),
+        )
+        return state
+
+    # ----------------------------------------------------------------- export
+
+    def state_dict_fp32(self, prefix: str | None = None) -> dict[str, torch.Tensor]:
+        """The full fp32 state_dict (parameters from the fp32 master copies, buffers as floats in fp32),
+        on CPU, on every rank. With `prefix`, only keys under it, with the prefix removed. Collective."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        self.sync_batchnorm_stats()
+        module = self.ds.module
+        names = list(module.state_dict().keys())  # ZeRO-3 gives empty param tensors, but the right names
+        params = dict(module.named_parameters())
+        buffers = dict(module.named_buffers())
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            if name in params:
+                p = params[name]
+                full = safe_get_full_fp32_param(p)  # collective under ZeRO 1-3
+                if full is None:
+                    if hasattr(p, "ds_id"):  # ZeRO-3 parameter the optimizer does not own (frozen)
+                        with deepspeed.zero.GatheredParameters([p]):
+                            full = p.detach().clone()
+                    else:
+                        full = p.detach()
+                tensor = full.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
+            else:
+                tensor = buffers[name].detach()
+            tensor = tensor.to("cpu")
+            out[name] = (tensor.float() if tensor.is_floating_point() else tensor).clone()
+        if prefix:
+            head = prefix.rstrip(".") + "."
+            out = {k[len(head) :]: v for k, v in out.items() if k.startswith(head)}
+            if not out:
+                raise PipelineError(f"export: no state_dict keys under prefix {prefix!r}")
+        return out
+
+    def export(
+        self,
+        url: str,
+        *,
+        variant: str,
+        kwargs: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+        prefix: str | None = None,
+    ) -> str:
+        """Write the consolidated fp32 export (pipeline.export format) from rank 0; returns its sha256 on
+        every rank. Collective."""
+        state_dict = self.state_dict_fp32(prefix)
+        digest = [None]
+        if self.rank == 0:
+            config = {"variant": variant, "kwargs": dict(kwargs), "step": self.step, **(extra or {})}
+            digest[0] = write_export(state_dict, config, url)
+        if dist.is_initialized():
+            dist.broadcast_object_list(digest, src=0)
+        return digest[0]
+
+
+def build_engine(
+    model: torch.nn.Module,
+    ds: DeepSpeedSettings,
+    optim: OptimizerSettings,
+    loop: LoopSettings,
+    *,
+    loss_fn: LossFn,
+    steps_per_epoch: int,
+    firing_rate_fn: FiringRateFn | None | str = "default",
+) -> TrainEngine:
+    """Wrap `model` in DeepSpeed with an AdamW + cosine schedule built from the job settings.
+
+    steps_per_epoch: optimizer steps per epoch (batches per rank per epoch // grad_accum_steps); sets
+        the schedule length (loop.max_steps if set, else loop.epochs worth) and warmup (optim.warmup_epochs).
+    firing_rate_fn: per-layer firing rates every loop.firing_rate_every_steps; "default" uses
+        models.energy.firing_rates when the models package has it, None turns them off.
+    World size, rank and backend come from the process group (see init_distributed).
+    """
+    if steps_per_epoch < 1:
+        raise PipelineError(
+            f"steps_per_epoch must be >= 1 (got {steps_per_epoch}): is the training set empty?"
+        )
+    rank, world_size, local_rank = init_distributed()
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO dumps the whole config per rank
+    config = deepspeed_config(ds, loop, world_size)
+    lr = resolve_lr(optim, config["train_batch_size"])
+    length = schedule_length(
+        optim, epochs=loop.epochs, steps_per_epoch=steps_per_epoch, max_steps=loop.max_steps
+    )
+    optimizer = build_optimizer(model, optim, lr)
+    ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # The ZeRO wrappers keep the client optimizer's param_group dicts, so the schedule can drive them.
+    scheduler = build_scheduler(ds_optimizer, optim, length)
+    if firing_rate_fn == "default":
+        firing_rate_fn = default_firing_rates()
+    logger.info(
+        "engine: ZeRO-%d, %s, world %d, global batch %d (micro %d x accum %d), lr %.3g, %d steps (warmup %d)",
+        ds.zero_stage,
+        "bf16" if config["bf16"]["enabled"] else "fp32",
+        world_size,
+        config["train_batch_size"],
+        loop.batch_size,
+        loop.grad_accum_steps,
+        lr,
+        length.total_steps,
+        length.warmup_steps,
+    )
+    return TrainEngine(
+        ds_engine,
+        ds_optimizer,
+        scheduler,
+        loop=loop,
+        loss_fn=loss_fn,
+        total_steps=length.total_steps,
+        lr=lr,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        firing_rate_fn=firing_rate_fn,
+    )
