@@ -534,7 +534,7 @@ class Spikformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Stem = layer 0, block i = layer i + 1, head = layer depth + 1 (for layer-wise lr decay)."""
-        return {"stem": r"^patch_embed", "blocks": [(r"^block\.(\d+)", None), (r"^head", (99999,))]}
+        return {"stem": r"^patch_embed", "blocks": r"^block\.(\d+)"}  # head: unmatched -> last
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
