@@ -9,6 +9,7 @@ Our module names equal the official ones, so the mapping is: strip the prefix, d
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -50,7 +51,9 @@ def read_v1_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> dict[
     """The official checkpoint's state_dict with the ``module.`` prefix and unused LayerNorms removed."""
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         source = os.fspath(path_or_state_dict)
-        obj = torch.load(source, map_location="cpu", weights_only=True)
+        # timm's CheckpointSaver also stores the argparse Namespace of the run: allow just that class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(source, map_location="cpu", weights_only=True)
     else:
         source, obj = "state_dict", path_or_state_dict
     state = _unwrap(obj, source)
