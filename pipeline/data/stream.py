@@ -22,8 +22,10 @@ How the epoch is cut (G = world_size * max(num_workers, 1) readers; reader g = r
   and each keeps every k-th sample of it (k = readers sharing it), so nothing is read twice per pass.
 - pretrain/train: every reader yields exactly ceil(num_samples / (G * batch_size)) full batches,
   re-reading its shards (in a new order) when they run out. So every rank yields the same number
-  of batches, `workers * that`, and an epoch is at least one pass over the data (timm's
-  reader_wds does the same). Samples are mixed by a shuffle buffer seeded from (seed, epoch, reader).
+  of batches, `workers * that`; an epoch is about one pass over the data (a reader whose shards
+  hold more than its share stops early, one with fewer repeats some; timm's reader_wds does the
+  same). Readers never share samples within an epoch. Each pass over a reader's shards is mixed by
+  a shuffle buffer (`shuffle_buffer` samples) seeded from (seed, epoch, reader).
 - eval: shards in manifest order, no shuffling, each sample read by exactly one reader. Batches are
   always full: the last batch of a reader is padded, and readers of ranks with fewer samples get
   extra padding batches so all ranks yield the same count. Padding has label -1; dropping label -1
@@ -33,8 +35,9 @@ Determinism and resume
 - The DataLoader takes one batch from each worker in turn, so rank batch t comes from worker
   t mod workers (eval: round robin over the workers that still have batches). Given (epoch,
   start_batch), each worker skips the raw samples of the batches it had already delivered (without
-  decoding them, unless on_error="skip", where failures must be known) and continues; the batches
-  after the resume point are identical to an uninterrupted run's.
+  decoding them, unless on_error="skip", where failures must be known) and continues, and the
+  worker roles are rotated so the new DataLoader's first worker is the one whose batch is next:
+  the batches after the resume point are identical to an uninterrupted run's.
 - Augmentation randomness is re-seeded before every sample from (seed, epoch, rank, worker,
   position in the worker's stream) for python `random`, numpy and torch (all three are used by
   timm transforms). With num_workers=0 the caller's RNG states are saved and restored around it.
@@ -157,25 +160,26 @@ def plan_epoch(
     return [flat[r * workers : (r + 1) * workers] for r in range(world_size)]
 
 
-def batches_before(worker_batches: list[int], start_batch: int) -> list[int]:
-    """How many batches each worker delivered among the first `start_batch` loader batches.
+def loader_order(worker_batches: list[int]) -> list[int]:
+    """The worker of each batch, in the order a DataLoader delivers them.
 
-    The DataLoader takes batches from its workers in turn, skipping workers that are exhausted.
+    The DataLoader asks its workers in turn (0, 1, ..., 0, 1, ...), passing over exhausted ones.
     """
+    order = []
+    for round_index in range(max(worker_batches, default=0)):
+        order.extend(w for w, total in enumerate(worker_batches) if round_index < total)
+    return order
+
+
+def resume_point(worker_batches: list[int], start_batch: int) -> tuple[list[int], int]:
+    """(batches each worker already delivered, worker that delivers batch `start_batch`)."""
+    order = loader_order(worker_batches)
+    if not 0 <= start_batch <= len(order):
+        raise ValueError(f"start_batch {start_batch} is outside the epoch (0..{len(order)} batches)")
     done = [0] * len(worker_batches)
-    remaining = start_batch
-    while remaining > 0:
-        progressed = False
-        for w, total in enumerate(worker_batches):
-            if remaining == 0:
-                break
-            if done[w] < total:
-                done[w] += 1
-                remaining -= 1
-                progressed = True
-        if not progressed:
-            raise ValueError(f"start_batch {start_batch} is beyond the epoch ({sum(worker_batches)} batches)")
-    return done
+    for worker in order[:start_batch]:
+        done[worker] += 1
+    return done, (order[start_batch] if start_batch < len(order) else 0)
 
 
 # --------------------------------------------------------------------------- reading (runs in workers)
@@ -284,7 +288,11 @@ class ShardStream(torch.utils.data.IterableDataset):
                 f"stream planned for {self.num_workers} workers, DataLoader has {info.num_workers}"
             )
         plans = self.rank_plan()
-        skip = batches_before([p.batches for p in plans], self.start_batch)[worker]
+        done, next_worker = resume_point([p.batches for p in plans], self.start_batch)
+        # A fresh DataLoader starts with its worker 0; let that worker play the part of the worker
+        # whose batch comes next, so the resumed order continues the uninterrupted one.
+        worker = (worker + next_worker) % len(plans)
+        skip = done[worker]
         if self._transform is None:
             self._transform = build_transform(self.role, self.img_size, self.augment)
         yield from self._batches(plans[worker], worker, skip, main_process=info is None)
@@ -532,6 +540,9 @@ class ShardLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            # its own generator: the DataLoader draws a base seed per iteration, which would otherwise
+            # advance the caller's global torch RNG (our samples are seeded explicitly anyway)
+            generator=torch.Generator().manual_seed(self.stream.seed),
         )
         count = 0
         for batch in loader:
