@@ -161,7 +161,9 @@ class EvaluateSettings(Settings):
     batch_size: int = Field(128, gt=0)
     split: Literal["val", "train"] = "val"
     energy_batches: int = Field(4, ge=1, description="batches used for firing rates / energy")
-    export: str | None = Field(None, description="classifier export URL to evaluate; default: the finetune output")
+    export: str | None = Field(
+        None, description="classifier export URL to evaluate; default: the finetune output"
+    )
 
 
 class StagesSettings(Settings):
@@ -245,15 +247,18 @@ def load_job(path_or_url: str | os.PathLike[str], overrides: Sequence[str] = ())
     return job
 
 
-def resolved_dict(job: JobConfig) -> dict[str, Any]:
-    """The fully resolved spec as plain JSON types (secrets masked), for hashing and saving."""
+def resolved_dict(job: BaseModel) -> dict[str, Any]:
+    """The fully resolved spec (or any settings block) as plain JSON types, secrets masked: for hashing."""
     return _jsonable(job.model_dump(mode="python"))
 
 
-def flatten_params(job: JobConfig) -> dict[str, str]:
-    """Dotted-key -> string view of the spec for MLflow params; secrets masked, long values truncated."""
+def flatten_params(job: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Dotted-key -> string view of the spec (or one block, keys under `prefix`) for MLflow params.
+
+    Secrets are masked and long values truncated to MLflow's limit.
+    """
     flat: dict[str, str] = {}
-    _flatten_into(flat, "", job.model_dump(mode="python"))
+    _flatten_into(flat, prefix, job.model_dump(mode="python"))
     return flat
 
 

@@ -79,3 +79,10 @@ def test_resolved_dict_is_json_and_stable(write_spec, minimal_spec):
     assert first == again
     changed = json.dumps(resolved_dict(load_job(write_spec(minimal_spec), ["seed=1"])), sort_keys=True)
     assert changed != first
+
+
+def test_flatten_params_of_one_block_under_a_prefix(write_spec, minimal_spec):
+    job = load_job(write_spec(minimal_spec))
+    params = flatten_params(job.stages.finetune, prefix="finetune")
+    assert params["finetune.optimizer.base_lr"] == "0.0006"
+    assert all(key.startswith("finetune.") for key in params)

@@ -1,0 +1,285 @@
+"""MLflow tracking with explicit run ids: one parent run per job run, one child run per stage.
+
+Everything goes through `MlflowClient` and a run id, never through MLflow's global "active run",
+so the same `Tracker` (a small picklable value) works in the driver and in Ray workers. Only the
+driver creates the store and experiment (`prepare`): several processes creating a fresh sqlite DB
+at once crash in MLflow's migrations. Only rank 0 of a stage should call the logging methods.
+
+Lineage (upstream run, dataset, fingerprint tags and the chain walk) is in `pipeline.lineage`;
+model registration in `pipeline.registry`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import requests
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from pydantic import SecretStr
+
+from pipeline import lineage
+from pipeline.config import MLFLOW_MAX_PARAM_LENGTH, MlflowSettings
+from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+    from mlflow.entities.model_registry import ModelVersion
+    from PIL.Image import Image
+
+logger = logging.getLogger(__name__)
+
+RunEnd = Literal["FINISHED", "FAILED", "KILLED"]
+STAGE_TAG = "pipeline.stage"
+JOB_TAG = "pipeline.job"
+REACHABILITY_TIMEOUT_S = 5.0
+
+
+# --------------------------------------------------------------------------- where the store is
+
+
+def resolve_tracking_uri(settings: MlflowSettings) -> str:
+    """settings.tracking_uri, else $MLFLOW_TRACKING_URI, else sqlite:///<abs cwd>/mlflow.db.
+
+    Relative sqlite paths are made absolute so Ray workers (other working directories) find the
+    same database file.
+    """
+    uri = settings.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path.cwd() / uri[len(prefix) :])
+    return uri
+
+
+def check_reachable(
+    uri: str, timeout_s: float = REACHABILITY_TIMEOUT_S, auth: tuple[str, str] | None = None
+) -> None:
+    """For http(s) stores, fail fast with one clear line when the server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        response = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s, auth=auth)
+    except requests.RequestException as exc:
+        reason = exc.__class__.__name__
+        detail = str(exc.args[0]) if exc.args else ""
+        raise PipelineError(f"MLflow tracking server {uri} unreachable: {reason}: {detail[:200]}") from None
+    if response.status_code in (401, 403):
+        raise PipelineError(
+            f"MLflow tracking server {uri} refused the credentials (HTTP {response.status_code}); "
+            "set mlflow.username/password in the job or MLFLOW_TRACKING_USERNAME/PASSWORD"
+        )
+    if response.status_code >= 500:
+        raise PipelineError(f"MLflow tracking server {uri} is unhealthy: HTTP {response.status_code}")
+
+
+def export_credentials(username: str | None, password: SecretStr | None) -> None:
+    """MLflow's REST client reads basic-auth credentials from these variables at request time."""
+    if username:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = username
+    if password is not None:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = password.get_secret_value()
+
+
+def prepare(settings: MlflowSettings) -> Tracker:
+    """In the driver, before any worker starts: check the store, create the DB and experiment once."""
+    uri = resolve_tracking_uri(settings)
+    export_credentials(settings.username, settings.password)
+    auth = None
+    if settings.username and settings.password is not None:
+        auth = (settings.username, settings.password.get_secret_value())
+    check_reachable(uri, auth=auth)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(uri)
+    try:
+        experiment = client.get_experiment_by_name(settings.experiment)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(settings.experiment)
+        )
+    except Exception as exc:  # MlflowException, DB and HTTP errors all end the same way for the user
+        raise PipelineError(
+            f"MLflow store {uri}: cannot open experiment {settings.experiment!r}: {exc}"
+        ) from exc
+    logger.info("MLflow store %s, experiment %r (id %s)", uri, settings.experiment, experiment_id)
+    return Tracker(uri, experiment_id, settings.username, settings.password)
+
+
+# --------------------------------------------------------------------------- the tracker
+
+_CLIENTS: dict[str, MlflowClient] = {}
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """Handle on one experiment in one store; cheap to pickle into Ray workers."""
+
+    tracking_uri: str
+    experiment_id: str
+    username: str | None = None
+    password: SecretStr | None = field(default=None, repr=False)
+
+    @property
+    def client(self) -> MlflowClient:
+        export_credentials(self.username, self.password)  # a fresh worker process needs them too
+        if self.tracking_uri not in _CLIENTS:
+            _CLIENTS[self.tracking_uri] = MlflowClient(self.tracking_uri)
+        return _CLIENTS[self.tracking_uri]
+
+    # ----------------------------------------------------------------------- run lifecycle
+
+    def start_job_run(
+        self, job_name: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, str] | None = None
+    ) -> str:
+        """The parent run of one pipeline run; returns its run id."""
+        run = self.client.create_run(
+            self.experiment_id, run_name=job_name, tags={JOB_TAG: job_name, **(tags or {})}
+        )
+        run_id = run.info.run_id
+        if params:
+            self.log_params(run_id, params)
+        logger.info("MLflow job run %s (%s)", run_id, job_name)
+        return run_id
+
+    def start_stage_run(
+        self,
+        parent_id: str,
+        stage: str,
+        fingerprint: str,
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """A child run of `parent_id` for one stage, tagged with its fingerprint for caching."""
+        parent = self.client.get_run(parent_id)
+        job_name = parent.data.tags.get(JOB_TAG, "")
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=stage,
+            tags={
+                MLFLOW_PARENT_RUN_ID: parent_id,
+                STAGE_TAG: stage,
+                JOB_TAG: job_name,
+                lineage.FINGERPRINT: fingerprint,
+                **(tags or {}),
+            },
+        )
+        run_id = run.info.run_id
+        if params:
+            self.log_params(run_id, params)
+        logger.info("MLflow stage run %s (%s, fingerprint %s)", run_id, stage, fingerprint[:12])
+        return run_id
+
+    def finish_run(self, run_id: str, status: RunEnd = "FINISHED") -> None:
+        if status not in ("FINISHED", "FAILED", "KILLED"):
+            raise PipelineError(f"finish_run: status must be FINISHED, FAILED or KILLED, got {status!r}")
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+    def get_run(self, run_id: str) -> Run:
+        return self.client.get_run(run_id)
+
+    # ----------------------------------------------------------------------- values
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Params as strings, cut to MLflow's length limit (the client batches by 100)."""
+        entries = [Param(str(k), _fit(str(v))) for k, v in params.items()]
+        self.client.log_batch(run_id, params=entries)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """One batched call for a dict of scalars (floats, ints, 0-d tensors) at one step."""
+        now = int(time.time() * 1000)
+        entries = [Metric(str(k), _scalar(k, v), now, int(step)) for k, v in metrics.items()]
+        if entries:
+            self.client.log_batch(run_id, metrics=entries)
+
+    # ----------------------------------------------------------------------- files
+
+    def log_artifacts(
+        self, run_id: str, local_path: str | os.PathLike[str], artifact_path: str | None = None
+    ) -> str:
+        """Upload a file or a directory; returns the artifact URI of what was uploaded."""
+        path = Path(local_path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+            relative = artifact_path or ""
+        elif path.is_file():
+            self.client.log_artifact(run_id, str(path), artifact_path)
+            relative = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        else:
+            raise PipelineError(f"log_artifacts: {path} does not exist")
+        return self.artifact_uri(run_id, relative)
+
+    def artifact_uri(self, run_id: str, relative: str = "") -> str:
+        root = self.client.get_run(run_id).info.artifact_uri.rstrip("/")
+        return f"{root}/{relative}" if relative else root
+
+    def log_image(
+        self, run_id: str, image: Image | str | os.PathLike[str], name: str, step: int | None = None
+    ) -> None:
+        """A PIL image (or an image file) as images/<name>.png; with `step`, a step series named `name`."""
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            if not path.is_file():
+                raise PipelineError(f"log_image: {path} does not exist")
+            if step is None:
+                self.client.log_artifact(run_id, str(path), "images")
+                return
+            from PIL import Image as PILImage
+
+            with PILImage.open(path) as opened:
+                image = opened.convert("RGB")
+        if step is not None:
+            self.client.log_image(run_id, image, key=name, step=int(step))
+        else:
+            self.client.log_image(run_id, image, artifact_file=f"images/{name}.png")
+
+    # ----------------------------------------------------------------------- lineage and caching
+
+    def log_dataset(
+        self, run_id: str, url: str, digest: str, context: str, name: str | None = None, primary: bool = True
+    ) -> None:
+        """Record a dataset manifest as a run input; `primary` also sets the lineage.dataset_* tags."""
+        lineage.log_dataset(self.client, run_id, url, digest, context, name, primary)
+
+    def set_upstream(self, run_id: str, upstream_run_id: str, artifact_uri: str) -> None:
+        """Name the run and the artifact (e.g. the pretrain export) this stage consumed."""
+        self.set_tags(
+            run_id, {lineage.UPSTREAM_RUN_ID: upstream_run_id, lineage.UPSTREAM_ARTIFACT_URI: artifact_uri}
+        )
+
+    def find_finished_stage(self, stage: str, fingerprint: str) -> Run | None:
+        """The newest FINISHED run of `stage` with this fingerprint, if any (stage caching)."""
+        return lineage.find_finished_run(self.client, self.experiment_id, STAGE_TAG, stage, fingerprint)
+
+    def lineage_chain(self, run_id: str) -> list[lineage.LineageLink]:
+        """Follow lineage.upstream_run_id tags from `run_id` back to the first stage and its dataset."""
+        return lineage.walk(self.client, run_id, STAGE_TAG)
+
+    def register_classifier(
+        self, run_id: str, export_dir: str | os.PathLike[str], name: str, description: str | None = None
+    ) -> ModelVersion:
+        """Log the export as a pyfunc model under the run and register it as a new version of `name`."""
+        from pipeline.registry import register_classifier
+
+        return register_classifier(self.client, run_id, Path(export_dir), name, description)
+
+
+def _fit(text: str) -> str:
+    return text if len(text) <= MLFLOW_MAX_PARAM_LENGTH else text[: MLFLOW_MAX_PARAM_LENGTH - 3] + "..."
+
+
+def _scalar(key: Any, value: Any) -> float:
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"metric {key!r}: {value!r} is not a number") from None
