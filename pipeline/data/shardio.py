@@ -39,12 +39,13 @@ class EncodeOptions:
         )
 
 
-_OBJECT_REPR = re.compile(r" ?<[^>]* at 0x[0-9a-fA-F]+>")
+_OBJECT_REPR = re.compile(r"\s*@?\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def short_reason(exc: BaseException) -> str:
-    """'Type: message' without '<object at 0x...>' noise (webdataset appends the file object)."""
-    return _OBJECT_REPR.sub("", f"{type(exc).__name__}: {exc}").replace(" @ ", " ").strip()
+    """'Type: message' without '@ <object at 0x...>' noise (webdataset appends the file object)."""
+    text = _OBJECT_REPR.sub("", f"{type(exc).__name__}: {exc}").strip()
+    return text.removesuffix("@").strip()
 
 
 def encode_image(data: bytes, options: EncodeOptions) -> tuple[str, bytes, int, int]:
