@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -207,16 +209,16 @@ class Tracker:
     def log_artifacts(
         self, run_id: str, local_path: str | os.PathLike[str], artifact_path: str | None = None
     ) -> str:
-        """Upload a file or a directory; returns the artifact URI of what was uploaded."""
-        path = Path(local_path)
-        if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
-            relative = artifact_path or ""
-        elif path.is_file():
-            self.client.log_artifact(run_id, str(path), artifact_path)
-            relative = f"{artifact_path}/{path.name}" if artifact_path else path.name
-        else:
-            raise PipelineError(f"log_artifacts: {path} does not exist")
+        """Upload a file or a directory (local, or any fsspec URL); returns the uploaded artifact's URI."""
+        with local_copy(local_path) as path:
+            if path.is_dir():
+                self.client.log_artifacts(run_id, str(path), artifact_path)
+                relative = artifact_path or ""
+            elif path.is_file():
+                self.client.log_artifact(run_id, str(path), artifact_path)
+                relative = f"{artifact_path}/{path.name}" if artifact_path else path.name
+            else:
+                raise PipelineError(f"log_artifacts: {local_path} does not exist")
         return self.artifact_uri(run_id, relative)
 
     def artifact_uri(self, run_id: str, relative: str = "") -> str:
@@ -271,7 +273,34 @@ class Tracker:
         """Log the export as a pyfunc model under the run and register it as a new version of `name`."""
         from pipeline.registry import register_classifier
 
-        return register_classifier(self.client, run_id, Path(export_dir), name, description)
+        with local_copy(export_dir) as local:
+            return register_classifier(self.client, run_id, local, name, description)
+
+
+@contextmanager
+def local_copy(path_or_url: str | os.PathLike[str]) -> Iterator[Path]:
+    """A local path as is; a remote fsspec URL (s3://, memory://, ...) copied to a temporary folder.
+
+    MLflow's artifact stores are not fsspec-based, so remote stage outputs are fetched before upload.
+    """
+    text = os.fspath(path_or_url)
+    if "://" not in text or text.startswith("file://"):
+        yield Path(text.removeprefix("file://"))
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(text)
+    name = root.rstrip("/").rsplit("/", 1)[-1] or "artifact"
+    with tempfile.TemporaryDirectory(prefix="mlflow-upload-") as tmp:
+        target = Path(tmp) / name
+        if fs.isfile(root):
+            fs.get_file(root, str(target))
+        elif fs.isdir(root):
+            for remote in fs.find(root):
+                local = target / remote[len(root.rstrip("/")) + 1 :]
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(local))
+        yield target
 
 
 def _fit(text: str) -> str:

@@ -21,9 +21,18 @@ from pipeline.tracking import Tracker, prepare
 SERVER_START_TIMEOUT_S = 150
 
 
+@pytest.fixture(scope="session")
+def sqlite_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One sqlite store per session: creating (migrating) a fresh DB costs seconds on 2 cores."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('sqlite_store')}/mlflow.db"
+    prepare(MlflowSettings(tracking_uri=uri, experiment="setup"))
+    return uri
+
+
 @pytest.fixture
-def sqlite_tracker(tmp_path: Path) -> Tracker:
-    return prepare(MlflowSettings(tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db", experiment="unit"))
+def sqlite_tracker(sqlite_store: str, request: pytest.FixtureRequest) -> Tracker:
+    """A tracker on its own experiment, so searches in one test never see another test's runs."""
+    return prepare(MlflowSettings(tracking_uri=sqlite_store, experiment=request.node.nodeid))
 
 
 @pytest.fixture(scope="session")

@@ -60,3 +60,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def log_from_worker(tracker: Tracker, run_id: str, rank: int) -> None:
+    """What rank 0 of a Ray stage does, run in a fresh (spawned) process with a pickled Tracker."""
+    for step in range(20):
+        tracker.log_metrics(run_id, {"loss": float(step), "rank": float(rank)}, step=step)
+    tracker.finish_run(run_id)

@@ -18,6 +18,7 @@ from lineage_chain import (
     VAL_DIGEST,
     VAL_URL,
     free_port,
+    log_from_worker,
 )
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from PIL import Image
@@ -228,3 +229,39 @@ def test_register_rejects_a_folder_that_is_not_an_export(sqlite_tracker, tmp_pat
     run = sqlite_tracker.start_stage_run(sqlite_tracker.start_job_run("reg"), "finetune", "fp")
     with pytest.raises(PipelineError, match="not an export"):
         sqlite_tracker.register_classifier(run, tmp_path, "clf")
+
+
+def test_remote_fsspec_outputs_are_uploaded(sqlite_tracker, export_dir):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for name in ("model.safetensors", "config.json"):
+        fs.pipe(f"/exports/pretrain/{name}", (export_dir / name).read_bytes())
+    run = sqlite_tracker.start_stage_run(sqlite_tracker.start_job_run("remote"), "pretrain", "fp")
+    uri = sqlite_tracker.log_artifacts(run, "memory://exports/pretrain", "export")
+    uploaded = Path(uri.removeprefix("file://"))
+    assert sorted(p.name for p in uploaded.iterdir()) == ["config.json", "model.safetensors"]
+    assert (uploaded / "model.safetensors").read_bytes() == (export_dir / "model.safetensors").read_bytes()
+    with pytest.raises(PipelineError, match="does not exist"):
+        sqlite_tracker.log_artifacts(run, "memory://exports/missing", "export")
+
+
+def test_worker_processes_log_into_the_prepared_store(sqlite_tracker):
+    import multiprocessing
+
+    job = sqlite_tracker.start_job_run("workers")
+    runs = [sqlite_tracker.start_stage_run(job, f"stage{rank}", "fp") for rank in range(2)]
+    context = multiprocessing.get_context("spawn")  # like Ray workers: nothing inherited but the pickle
+    workers = [
+        context.Process(target=log_from_worker, args=(sqlite_tracker, run, r)) for r, run in enumerate(runs)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    for rank, run_id in enumerate(runs):
+        run = sqlite_tracker.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics == {"loss": 19.0, "rank": float(rank)}
+        assert len(sqlite_tracker.client.get_metric_history(run_id, "loss")) == 20
