@@ -16,6 +16,9 @@ from pipeline.errors import PipelineError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("pipeline.commands.run", "run a job's stages on Ray (RAY_ADDRESS, else a local Ray)"),
+    "plan": ("pipeline.commands.plan", "print the stage graph, fingerprints and what would be skipped"),
+    "submit": ("pipeline.commands.submit", "submit a job to a Ray cluster as a Ray job"),
     "shards": ("pipeline.data.cli", "write, or verify, WebDataset shards from an image source"),
 }
 

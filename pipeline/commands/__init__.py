@@ -1,0 +1,1 @@
+"""CLI commands around a job spec: run, plan, submit (each `add_arguments` + `main`)."""

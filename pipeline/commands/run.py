@@ -1,0 +1,44 @@
+"""`python -m pipeline run JOB.yaml`: run the job's stages on Ray (RAY_ADDRESS, else a local Ray)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands._job_args import add_job_arguments, load
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipeline.orchestrate import run_job
+
+    job, stages = load(args)
+    outcome = run_job(job, stages, job_file=args.job)
+    print(summary(outcome))
+    return 0
+
+
+def summary(outcome) -> str:
+    lines = [f"job run {outcome.job_run_id} finished"]
+    for name, step in outcome.stages.items():
+        state = "reused" if step.skipped else "ran"
+        lines.append(f"  {name:<9} {state:<6} MLflow run {step.run_id}  fingerprint {step.fingerprint[:12]}")
+    evaluation = outcome.stages.get("evaluate")
+    if evaluation is not None:
+        m = evaluation.result.metrics
+        top1 = m.get("top1", m.get("final/top1"))
+        top5 = m.get("top5", m.get("final/top5"))
+        count = m.get("n_samples", m.get("final/n_samples"))
+        energy = m.get("energy_pj_per_image", m.get("final/energy_pj_per_image"))
+        if top1 is not None:
+            lines.append(f"top-1 accuracy: {top1:.2%}   top-5: {top5:.2%}   over {int(count)} validation images")
+        if energy is not None:
+            lines.append(f"energy estimate: {energy / 1e6:.4f} uJ per image (45 nm: 4.6 pJ/MAC, 0.9 pJ/AC)")
+    uri = outcome.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"browse the runs: {uri}")
+    else:
+        lines.append(f"browse the runs: mlflow ui --backend-store-uri {uri}")
+    return "\n".join(lines)

@@ -1,0 +1,48 @@
+"""StageContext logging callbacks backed by the MLflow Tracker, for rank 0 of a stage.
+
+Other ranks get no-op callbacks, so only one process writes to the store. A logging failure is
+reported as a warning instead of killing hours of training: metrics are also visible in the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageSink:
+    tracker: Tracker | None
+    run_id: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.tracker is not None and self.run_id is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            self._guard("metrics", self.tracker.log_metrics, self.run_id, metrics, step)
+
+    def log_image(self, image: Any, name: str) -> None:
+        if self.active:
+            self._guard("image", self.tracker.log_image, self.run_id, image, os.path.splitext(name)[0])
+
+    def log_artifact(self, path: str, subdir: str | None = None) -> None:
+        if self.active:
+            self._guard("artifact", self.tracker.log_artifacts, self.run_id, path, subdir)
+
+    def _guard(self, what: str, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # noqa: BLE001 - tracking must not end a training run
+            logger.warning("MLflow %s logging failed for run %s: %s", what, self.run_id, err)
+
+
+def stage_sink(tracker: Tracker | None, run_id: str | None, enabled: bool) -> StageSink:
+    return StageSink(tracker if enabled else None, run_id if enabled else None)
