@@ -1,0 +1,141 @@
+"""Forward+backward throughput and peak memory of Spikformer variants.
+
+    python benchmarks/model_speed.py VARIANT [--T 4] [--img 224] [--batch 8]
+        [--steps 5] [--warmup 1] [--device cpu] [--no-record]
+
+--T and --img default to each variant's own defaults. Prints a Markdown table and appends a dated
+section (hardware, exact command, table) to docs/BENCHMARKS.md unless --no-record.
+CPU peak memory is the process's peak RSS (it includes the Python/torch runtime); CUDA peak memory is
+torch.cuda.max_memory_allocated. One variant per run, so the process peak belongs to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
+                   if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        cpu = platform.processor() or "unknown CPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(name: str, T: int | None, img: int | None, batch: int, steps: int, warmup: int,
+            device: torch.device) -> dict:
+    overrides = {k: v for k, v in (("T", T), ("img_size", img)) if v is not None}
+    model = models.create(name, **overrides).to(device).train()
+    size = model.img_size
+    images = torch.randn(batch, model.in_chans, size, size, device=device)
+    labels = torch.randint(0, model.num_classes, (batch,), device=device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    return {
+        "variant": name, "T": model.T, "img": size, "batch": batch, "steps": steps,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "images_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+        "peak_mib": peak_memory_mib(device),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | params (M) | T | img | batch | steps | s/step | images/s | peak memory (MiB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['params_m']:.2f} | {r['T']} | {r['img']} | {r['batch']} | {r['steps']} | "
+            f"{r['s_per_step']:.3f} | {r['images_per_s']:.2f} | {r['peak_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def record(rows: list[dict], device: torch.device, note: str) -> None:
+    command = "python benchmarks/model_speed.py " + shlex.join(sys.argv[1:])
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = [
+        f"\n## Model speed: {', '.join(r['variant'] for r in rows)} ({dt.date.today().isoformat()})\n",
+        f"- hardware: {hardware(device)}; load average at the end: {load}",
+        f"- command: `{command}`",
+        "- forward + backward (cross-entropy on random labels), train mode; peak memory: "
+        + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"),
+    ]
+    if note:
+        section.append(f"- note: {note}")
+    section += ["", table(rows), ""]
+    if not DOC.exists():
+        DOC.write_text("# Benchmarks\n")
+    with DOC.open("a") as fh:
+        fh.write("\n".join(section))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variant", choices=models.list_models(), metavar="VARIANT")
+    parser.add_argument("--T", type=int, default=None, help="time steps (default: the variant's)")
+    parser.add_argument("--img", type=int, default=None, help="image size (default: the variant's)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--note", default="", help="free text recorded with the results")
+    parser.add_argument("--no-record", action="store_true", help="do not append to docs/BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rows = [measure(args.variant, args.T, args.img, args.batch, args.steps, args.warmup, device)]
+    print(table(rows))
+    if not args.no_record:
+        record(rows, device, args.note)
+        print(f"appended to {DOC}")
+
+
+if __name__ == "__main__":
+    main()
