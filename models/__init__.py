@@ -5,7 +5,7 @@ works after ``import models``.
 """
 
 from .checkpoint import CheckpointMismatchError, load_spikformer_v1_checkpoint
-from .energy import EnergyReport, count_flops, firing_rates, measure_energy
+from .energy import EnergyReport, FiringRateProbe, count_flops, firing_rates, measure_energy
 from .neuron import MultiStepLIF, lif_multistep
 from .spikformer import (
     MLP,
@@ -21,7 +21,23 @@ from .spikformer import (
 )
 
 __all__ = [
-    "Block", "CheckpointMismatchError", "EnergyReport", "MLP", "MaskedBatchNorm1d", "MaskedBatchNorm2d",
-    "MultiStepLIF", "SCS", "SPS", "SSA", "Spikformer", "count_flops", "create", "firing_rates",
-    "lif_multistep", "list_models", "load_spikformer_v1_checkpoint", "measure_energy",
+    "Block",
+    "CheckpointMismatchError",
+    "EnergyReport",
+    "FiringRateProbe",
+    "MLP",
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MultiStepLIF",
+    "SCS",
+    "SPS",
+    "SSA",
+    "Spikformer",
+    "count_flops",
+    "create",
+    "firing_rates",
+    "lif_multistep",
+    "list_models",
+    "load_spikformer_v1_checkpoint",
+    "measure_energy",
 ]

@@ -237,6 +237,45 @@ def firing_rates(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor]
     return meter.firing_rates()
 
 
+class FiringRateProbe:
+    """Records LIF firing rates during the forward passes a caller runs anyway (e.g. training steps).
+
+        with FiringRateProbe(model) as probe:
+            loss = criterion(model(images), labels)
+        metrics = probe.rates()  # {"block.0.attn.q_lif": 0.07, ...}
+
+    Sums stay on the model's device until ``rates()``, so the probe adds no host synchronisation.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> FiringRateProbe:
+        for name, module in self.model.named_modules():
+            if isinstance(module, MultiStepLIF):
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, out):
+            total = out.detach().sum(dtype=torch.float64)
+            self._sums[name] = self._sums[name] + total if name in self._sums else total
+            self._counts[name] = self._counts.get(name, 0) + out.numel()
+
+        return hook
+
+    def rates(self) -> dict[str, float]:
+        return {name: float(total) / self._counts[name] for name, total in self._sums.items()}
+
+
 @torch.no_grad()
 def count_flops(
     model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None

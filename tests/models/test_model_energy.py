@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 import models
-from models.energy import E_AC_PJ, E_MAC_PJ, EnergyMeter, count_flops, firing_rates, measure_energy
+from models.energy import (
+    E_AC_PJ,
+    E_MAC_PJ,
+    EnergyMeter,
+    FiringRateProbe,
+    count_flops,
+    firing_rates,
+    measure_energy,
+)
 from models.neuron import MultiStepLIF
 
 
@@ -117,3 +125,14 @@ def test_count_flops_by_formula_and_on_meta_device():
         big = models.create("spikformer_v1_8_512")
     # ~8.36 GMACs; the Spikformer paper lists 8.33G FLOPs for the ANN Transformer-8-512 (MAC convention)
     assert sum(count_flops(big, 224).values()) == pytest.approx(8.36e9, rel=0.001)
+
+
+def test_probe_records_rates_of_the_callers_own_forward_passes():
+    model = HandNet().train()
+    images = hand_images()
+    with FiringRateProbe(model) as probe:
+        model(images[:1]).sum().backward()  # gradients still flow: the probe only reads
+        model(images)
+    assert probe.rates() == {"lif1": pytest.approx((7 + 7) / (64 + 128))}
+    model(images)  # hooks are gone after the block
+    assert probe.rates()["lif1"] == pytest.approx(14 / 192)
