@@ -1,0 +1,360 @@
+"""What the stages share: process-group and seed setup, settings -> loader options, the training loop
+around `pipeline.engine`, checkpoint reporting, and small artifact writers.
+
+The loop (`StageTrainer`), read top to bottom:
+    trainer = StageTrainer(job, settings, ctx, stage=..., model=..., loss_fn=..., manifest_url=..., role=...)
+    trainer.resume()        # ctx.resume_dir, else the latest checkpoint in ctx.work_dir/checkpoints
+    trainer.fit()           # optimizer steps until the schedule ends; checkpoints + ctx.report every N steps
+    trainer.save_final()    # last checkpoint (collective)
+    ...export...
+    trainer.report_final(metrics)
+Data position: a checkpoint stores (epoch, batch_in_epoch) = loader batches consumed in that epoch;
+a resumed run rebuilds the same epoch from (seed, epoch) and skips exactly those batches
+(`pipeline.data.stream`), so the next batch is the one an uninterrupted run would have taken.
+
+Checkpoint folders: every rank writes its DeepSpeed files into `ctx.work_dir/checkpoints` (ranks of
+one node may share it, as under torchrun). At each checkpoint step every rank hands the launcher a
+folder holding only the new tag (hard links) and a `latest` pointer: Ray Train merges the ranks'
+folders into one, which a restarted stage gets back as `ctx.resume_dir`. Resuming from
+`ctx.work_dir` without a resume_dir needs all ranks to see the same folder (one node).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline import checkpoint as ckpt
+from pipeline.config import AugmentSettings, JobConfig, LoopSettings
+from pipeline.engine import LossFn, StepOutput, TrainEngine, build_engine, init_distributed
+from pipeline.errors import PipelineError
+from pipeline.stages.context import StageContext, StageInputs
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+EXPORT_SUBDIR = "export"
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def join_url(base: str, *names: str) -> str:
+    return "/".join([base.rstrip("/"), *names])
+
+
+def setup_distributed(ctx: StageContext) -> tuple[int, int]:
+    """Join the launcher's process group (or make a one-process one); check it agrees with ctx."""
+    rank, world_size, _ = init_distributed()
+    if (rank, world_size) != (ctx.rank, ctx.world_size):
+        raise PipelineError(
+            f"stage context says rank {ctx.rank} of {ctx.world_size}, but torch.distributed has rank "
+            f"{rank} of {world_size}: the launcher built the context wrongly"
+        )
+    return rank, world_size
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_from_rank0(value: Any) -> Any:
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def manifest_url(inputs: StageInputs, role: str, stage: str, fallback: str | None = None) -> str:
+    url = inputs.manifests.get(role) or (inputs.manifests.get(fallback) if fallback else None)
+    if not url:
+        wanted = f"'{role}'" + (f" or '{fallback}'" if fallback else "")
+        raise PipelineError(
+            f"stage {stage}: no {wanted} dataset manifest in the stage inputs "
+            f"(got roles {sorted(inputs.manifests)}); set data.train/data.val/data.pretrain or data.build"
+        )
+    return url
+
+
+def augment_options(augment: AugmentSettings) -> dict[str, Any]:
+    """AugmentSettings -> the `augment` dict of pipeline.data.stream.build_loader (timm options)."""
+    return augment.model_dump(mode="python")
+
+
+def normalization(role: str, augment: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the loader normalises with, to undo it in pictures."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    from pipeline.data.transforms import transform_options
+
+    options = transform_options(role, augment)
+    return tuple(options.get("mean") or IMAGENET_DEFAULT_MEAN), tuple(options.get("std") or IMAGENET_DEFAULT_STD)
+
+
+def model_kwargs(job: JobConfig, T: int, **extra: Any) -> dict[str, Any]:
+    """create_model kwargs of the job's model (what an export's config.json records)."""
+    return {"img_size": job.model.img_size, "num_classes": job.model.num_classes, "T": T,
+            **job.model.kwargs, **extra}
+
+
+# --------------------------------------------------------------------------- the training loop
+
+
+@dataclass
+class TrainingHooks:
+    """Stage-specific pieces of the loop. Every rank calls them at the same points."""
+
+    # (images, labels) from the loader -> the micro-batch the loss function gets (e.g. Mixup); CPU
+    prepare: Callable[[torch.Tensor, torch.Tensor], Any] | None = None
+    # after every optimizer step, with that step's last micro-batch (EMA update, reconstruction grids)
+    after_step: Callable[[StepOutput, Any], None] | None = None
+    # extra checkpoint state (e.g. EMA weights) and how to put it back on resume
+    state: Callable[[], dict[str, Any]] | None = None
+    load_state: Callable[[dict[str, Any]], None] | None = None
+
+
+class StageTrainer:
+    """Loader + engine + the step loop with checkpoints, reports, metrics and the loss curve."""
+
+    def __init__(
+        self,
+        job: JobConfig,
+        settings: LoopSettings,
+        ctx: StageContext,
+        *,
+        stage: str,
+        model: torch.nn.Module,
+        loss_fn: LossFn,
+        manifest_url: str,
+        role: str,
+        augment: dict[str, Any] | None,
+        hooks: TrainingHooks | None = None,
+    ) -> None:
+        from pipeline.data.stream import build_loader
+
+        self.job, self.settings, self.ctx, self.stage = job, settings, ctx, stage
+        self.hooks = hooks or TrainingHooks()
+        self.rank, self.world_size = setup_distributed(ctx)
+        self.loader = build_loader(
+            manifest_url, role, batch_size=settings.batch_size, img_size=job.model.img_size, rank=self.rank,
+            world_size=self.world_size, num_workers=job.data.num_workers, seed=job.seed, augment=augment,
+            on_error=job.data.on_error,
+        )
+        steps_per_epoch = self.loader.batches_per_epoch // settings.grad_accum_steps
+        if steps_per_epoch < 1:
+            raise PipelineError(
+                f"stage {stage}: {manifest_url} gives {self.loader.batches_per_epoch} batches per rank per epoch, "
+                f"fewer than grad_accum_steps={settings.grad_accum_steps}: lower batch_size or accumulation"
+            )
+        self.engine: TrainEngine = build_engine(model, job.deepspeed, settings.optimizer, settings,
+                                                loss_fn=loss_fn, steps_per_epoch=steps_per_epoch)
+        self.ckpt_dir = os.path.join(ctx.work_dir, CHECKPOINT_SUBDIR)
+        self.epoch = 0
+        self.batch_in_epoch = 0  # loader batches consumed in self.epoch
+        self.skipped_before = 0  # skipped samples in finished epochs (this rank)
+        self.loss_curve: list[tuple[int, float]] = []
+        self.last_metrics: dict[str, float] = {}
+        self.saved_step: int | None = None
+        self.saved_folder = self.ckpt_dir  # where the tag of saved_step lives (resume_dir after a resume)
+        self.train_seconds = 0.0
+        logger.info("%s: %s, %d batches/epoch/rank, %d steps in all", stage, manifest_url,
+                    self.loader.batches_per_epoch, self.engine.total_steps)
+
+    # ----------------------------------------------------------------- resume
+
+    def resume(self) -> bool:
+        """Restore engine state and data position; True when a checkpoint was found. Collective."""
+        source = self._resume_source()
+        if source is None:
+            seed_everything(self.job.seed + 1 + self.rank)  # ranks draw different masks/mixup/drop-path
+            return False
+        folder, tag = source
+        state = self.engine.resume(folder, tag)
+        if state is None:
+            raise PipelineError(f"stage {self.stage}: no checkpoint {tag} in {folder}")
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.skipped_before = int(state.get("skipped_before", 0))
+        self.loss_curve = [(int(s), float(v)) for s, v in state.get("loss_curve", [])]
+        self.saved_step, self.saved_folder = self.engine.step, folder
+        if self.hooks.load_state is not None:
+            self.hooks.load_state(state)
+        logger.info("%s: resumed from %s/%s at step %d (epoch %d, batch %d)", self.stage, folder, tag,
+                    self.engine.step, self.epoch, self.batch_in_epoch)
+        return True
+
+    def _resume_source(self) -> tuple[str, str] | None:
+        # rank 0 decides, so all ranks load the same tag (or all start fresh)
+        found = None
+        if self.rank == 0:
+            for folder in (self.ctx.resume_dir, self.ckpt_dir):
+                if folder and os.path.isdir(folder):
+                    tag = ckpt.read_latest(folder)
+                    if tag is not None:
+                        found = (folder, tag)
+                        break
+                    if folder == self.ctx.resume_dir:
+                        raise PipelineError(f"stage {self.stage}: resume folder {folder} has no 'latest' checkpoint")
+        return broadcast_from_rank0(found)
+
+    # ----------------------------------------------------------------- loop
+
+    def fit(self) -> None:
+        engine, accum = self.engine, self.settings.grad_accum_steps
+        started = time.perf_counter()
+        while not engine.finished:
+            self.loader.set_epoch(self.epoch, min(self.batch_in_epoch, self.loader.batches_per_epoch))
+            micro: list[Any] = []
+            batches: Iterator[Any] = iter(self.loader)
+            try:
+                for images, labels in batches:
+                    self.batch_in_epoch += 1
+                    micro.append(self.hooks.prepare(images, labels) if self.hooks.prepare else (images, labels))
+                    if len(micro) < accum:
+                        continue
+                    out = engine.train_step(micro, skipped_samples=self.skipped_before + self.loader.skipped)
+                    self._after_step(out, micro[-1])
+                    micro = []
+                    if engine.finished:
+                        break
+                else:  # the epoch ran out (leftover micro-batches short of an accumulation are dropped)
+                    self.skipped_before += self.loader.skipped
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+            finally:
+                close = getattr(batches, "close", None)
+                if close is not None:
+                    close()  # stops the DataLoader workers of an unfinished epoch now
+        self.train_seconds += time.perf_counter() - started
+
+    def _after_step(self, out: StepOutput, batch: Any) -> None:
+        self.ctx.at_step(out.step)
+        self.loss_curve.append((out.step, out.loss))
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(out, batch)
+        if out.metrics:
+            self.last_metrics = {**out.metrics, "epoch": float(self.epoch)}
+            self.ctx.log_metrics(self.last_metrics, out.step)
+            logger.info("%s step %d/%d: loss %.4f lr %.3g %.1f img/s", self.stage, out.step, self.engine.total_steps,
+                        out.metrics["loss"] if "loss" in out.metrics else out.loss,
+                        out.metrics.get("lr", float("nan")), out.metrics.get("images_per_s", float("nan")))
+        if self.engine.should_checkpoint() and not self.engine.finished:
+            self.save()
+            self._report({**self.last_metrics, "step": float(out.step)})
+
+    # ----------------------------------------------------------------- checkpoints and reports
+
+    def save(self) -> str:
+        """Checkpoint the current step (collective); returns the tag folder."""
+        extra = {"skipped_before": self.skipped_before, "loss_curve": self.loss_curve,
+                 **(self.hooks.state() if self.hooks.state else {})}
+        folder = self.engine.save_checkpoint(self.ckpt_dir, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
+                                             extra=extra)
+        self.saved_step, self.saved_folder = self.engine.step, self.ckpt_dir
+        return folder
+
+    def save_final(self) -> None:
+        if self.saved_step != self.engine.step:
+            self.save()
+
+    def _report(self, metrics: dict[str, float]) -> None:
+        """ctx.report with a folder holding only the newest tag (+ `latest`), on every rank."""
+        tag = ckpt.tag_for_step(self.engine.step)
+        staging = os.path.join(self.ctx.work_dir, "reported", f"{tag}-rank{self.rank}")
+        shutil.rmtree(staging, ignore_errors=True)
+        _link_tree(os.path.join(self.saved_folder, tag), os.path.join(staging, tag))
+        with open(os.path.join(staging, ckpt.LATEST_FILE), "w") as f:
+            f.write(tag)
+        try:
+            self.ctx.report(metrics, staging)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def report_final(self, metrics: dict[str, float]) -> None:
+        """The end-of-stage report, with the final checkpoint (call after the export is written)."""
+        self._report({**self.last_metrics, **metrics, "step": float(self.engine.step)})
+
+    # ----------------------------------------------------------------- summaries
+
+    def final_loss(self) -> float:
+        """Mean loss over the last log interval (steps), or nan before any step."""
+        tail = self.loss_curve[-self.settings.log_every_steps:]
+        return sum(v for _, v in tail) / len(tail) if tail else float("nan")
+
+    def summary_metrics(self) -> dict[str, float]:
+        return {"final_loss": self.final_loss(), "steps": float(self.engine.step),
+                "epochs_seen": float(self.epoch) + self.batch_in_epoch / max(self.loader.batches_per_epoch, 1),
+                "train_seconds": self.train_seconds}
+
+
+def _link_tree(src: str, dst: str) -> None:
+    """Copy a folder as hard links (same filesystem), falling back to real copies."""
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=link)
+
+
+# --------------------------------------------------------------------------- artifacts
+
+
+def put_file(local_path: str, url: str) -> str:
+    """Copy a local file to an fsspec URL (local folders are created); returns the URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fs.put_file(local_path, path)
+    return url
+
+
+def write_loss_curve(points: list[tuple[int, float]], folder: str, title: str) -> tuple[str, str]:
+    """loss_curve.csv and loss_curve.png in `folder`; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(folder, exist_ok=True)
+    csv_path, png_path = os.path.join(folder, "loss_curve.csv"), os.path.join(folder, "loss_curve.png")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "loss"])
+        writer.writerows(points)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if points:
+        ax.plot([s for s, _ in points], [v for _, v in points], linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+def put_outputs(ctx: StageContext, paths: dict[str, str]) -> dict[str, str]:
+    """Rank 0: copy local files into ctx.output_url; returns name -> URL (StageResult.artifacts)."""
+    return {name: put_file(path, join_url(ctx.output_url, os.path.basename(path))) for name, path in paths.items()}

@@ -1,0 +1,156 @@
+"""Stage 1: masked-image-modelling pretraining of the Spikformer encoder (models.mim) on DeepSpeed.
+
+Input: the "pretrain" manifest (falls back to "train"; labels are ignored).
+Output (in ctx.output_url):
+- export/: the encoder under the classifier's parameter names, without a head (config kwargs
+  num_classes=0, so `timm.create_model(variant, **kwargs)` loads it strictly); finetune loads it;
+- loss_curve.csv / loss_curve.png; reconstruction grids (original / masked / reconstruction) are
+  logged every `reconstruction_every_steps` and at the end (ctx.log_image; final one also saved).
+The encoder is built with the pretraining T (default 1) and no head, so no frozen parameter sits in
+the DeepSpeed engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import timm
+import torch
+
+import models  # noqa: F401  (registers the Spikformer variants with timm)
+from models.mim import MaskedImageModel, reconstruction_grid
+from pipeline.config import JobConfig, PretrainSettings
+from pipeline.errors import PipelineError
+from pipeline.export import write_export
+from pipeline.stages.common import (
+    EXPORT_SUBDIR,
+    StageTrainer,
+    TrainingHooks,
+    augment_options,
+    broadcast_from_rank0,
+    join_url,
+    manifest_url,
+    model_kwargs,
+    normalization,
+    put_outputs,
+    seed_everything,
+    write_loss_curve,
+)
+from pipeline.stages.context import StageContext, StageInputs, StageResult
+
+logger = logging.getLogger(__name__)
+
+GRID_IMAGES = 8
+
+
+def build_mim(job: JobConfig, settings: PretrainSettings) -> MaskedImageModel:
+    encoder = timm.create_model(job.model.variant, **model_kwargs(job, settings.T, num_classes=0))
+    try:
+        return MaskedImageModel(
+            encoder, patch_size=settings.patch_size, mask_ratio=settings.mask_ratio,
+            decoder_dim=settings.decoder_dim, decoder_depth=settings.decoder_depth,
+            decoder_heads=settings.decoder_heads, norm_pix_loss=settings.norm_pix_loss,
+        )
+    except ValueError as err:
+        raise PipelineError(f"stages.pretrain: {err}") from None
+
+
+def mim_loss(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    images, _labels = batch
+    loss, _pred, _mask = module(images)
+    return loss
+
+
+class ReconstructionGrids:
+    """Draws original / masked / reconstructed images with a fixed mask seed, so grids compare over time."""
+
+    def __init__(self, trainer: StageTrainer, mim: MaskedImageModel, mean, std, seed: int) -> None:
+        self.trainer, self.mim, self.mean, self.std, self.seed = trainer, mim, mean, std, seed
+
+    @torch.no_grad()
+    def draw(self, images: torch.Tensor):
+        """Every rank runs the forward (ZeRO-3 gathers parameters collectively); returns the PIL image."""
+        engine = self.trainer.engine
+        module = engine.module
+        images = images[:GRID_IMAGES].to(engine.device, engine.compute_dtype)
+        generator = torch.Generator().manual_seed(self.seed)  # leaves the global RNG alone
+        mask = self.mim.random_mask(images.shape[0], images.device, generator=generator)
+        was_training = module.training
+        module.eval()
+        try:
+            _loss, pred, mask = module(images, mask=mask)
+        finally:
+            module.train(was_training)
+        scale = max(1, 128 // images.shape[-1])  # small inputs (digits: 32 px) drawn 4x larger
+        return reconstruction_grid(images, pred, mask, self.mim.patch_size, self.mean, self.std,
+                                   max_images=GRID_IMAGES, norm_pix_loss=self.mim.norm_pix_loss, scale=scale)
+
+    def log(self, images: torch.Tensor, name: str):
+        picture = self.draw(images)
+        if self.trainer.rank == 0:
+            self.trainer.ctx.log_image(picture, name)
+        return picture
+
+
+def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
+    settings = job.stages.pretrain
+    url = manifest_url(inputs, "pretrain", "pretrain", fallback="train")
+    seed_everything(job.seed)  # identical initial weights on every rank
+    mim = build_mim(job, settings)
+    augment = augment_options(settings.augment)
+    mean, std = normalization("pretrain", augment)
+
+    hooks = TrainingHooks()
+    trainer = StageTrainer(job, settings, ctx, stage="pretrain", model=mim, loss_fn=mim_loss, manifest_url=url,
+                           role="pretrain", augment=augment, hooks=hooks)
+    grids = ReconstructionGrids(trainer, mim, mean, std, seed=job.seed)
+    last_images: list[torch.Tensor] = []
+
+    def after_step(out, batch) -> None:
+        last_images[:] = [batch[0]]
+        if out.step % settings.reconstruction_every_steps == 0:
+            grids.log(batch[0], f"reconstruction_step{out.step:07d}.png")
+
+    hooks.after_step = after_step
+    trainer.resume()
+    trainer.fit()
+    trainer.save_final()
+
+    # Export the encoder: consolidated fp32 (collective under ZeRO-3), written by rank 0.
+    encoder_state = trainer.engine.state_dict_fp32(prefix="encoder")
+    export_url = join_url(ctx.output_url, EXPORT_SUBDIR)
+    digest = None
+    if trainer.rank == 0:
+        config = {
+            "variant": job.model.variant,
+            "kwargs": model_kwargs(job, settings.T, num_classes=0),
+            "stage": "pretrain", "kind": "encoder", "step": trainer.engine.step,
+            "mask_ratio": settings.mask_ratio, "patch_size": mim.patch_size,
+            "dataset_manifest": url,
+        }
+        digest = write_export(encoder_state, config, export_url)
+    digest = broadcast_from_rank0(digest)
+
+    if not last_images:  # resumed after the last step: draw from the epoch's first batch
+        trainer.loader.set_epoch(trainer.epoch, 0)
+        batches = iter(trainer.loader)
+        last_images.append(next(batches)[0])
+        batches.close()
+    final_grid = grids.log(last_images[0], "reconstruction_final.png")
+    artifacts: dict[str, str] = {}
+    metrics = trainer.summary_metrics()
+    if trainer.rank == 0:
+        local = os.path.join(ctx.work_dir, "artifacts")
+        csv_path, png_path = write_loss_curve(trainer.loss_curve, local, "MIM pretraining loss")
+        grid_path = os.path.join(local, "reconstruction_final.png")
+        final_grid.save(grid_path)
+        artifacts = put_outputs(ctx, {"loss_curve_csv": csv_path, "loss_curve_png": png_path,
+                                      "reconstruction": grid_path})
+        ctx.log_artifact(csv_path, None)
+        ctx.log_image(png_path, "loss_curve.png")
+        ctx.log_metrics(metrics, trainer.engine.step)
+    trainer.report_final(metrics)
+    logger.info("pretrain done: %d steps, final loss %.4f, export %s", trainer.engine.step, metrics["final_loss"],
+                export_url)
+    return StageResult(export_url=export_url, export_digest=digest, metrics=metrics, artifacts=artifacts)
