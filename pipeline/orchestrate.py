@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline import lineage
 from pipeline.config import JobConfig, flatten_params, resolved_dict
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import stage_fingerprint
@@ -171,7 +172,7 @@ def connect_ray(job: JobConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         logger.info("no RAY_ADDRESS: starting a local Ray")
-        ray.init(include_dashboard=False)
+        ray.init()
 
 
 def run_job(job: JobConfig, only: list[str] | None = None, job_file: str | None = None) -> JobOutcome:
@@ -180,7 +181,6 @@ def run_job(job: JobConfig, only: list[str] | None = None, job_file: str | None 
 
     stages = selected_stages(job, only)
     tracker = tracking.prepare(job.mlflow)  # fails fast on an unreachable server, creates the DB once
-    os.environ["MLFLOW_TRACKING_URI"] = tracker.tracking_uri  # workers log to the same store
     connect_ray(job)
     manifests = dataset_manifests(job)
     digests = manifest_digests(manifests)
@@ -262,8 +262,8 @@ def run_one_stage(job, stage, tracker, job_run_id, manifests, digests, upstream,
         upstream_run = upstream.run_id if upstream and upstream.result.export_url == upstream_export else None
         if upstream_run:
             tracker.set_upstream(run_id, upstream_run, upstream_export)
-        else:
-            tracker.set_tags(run_id, {"lineage.upstream_artifact_uri": upstream_export})
+        else:  # an export named in the spec: no run to point at, only the artifact
+            tracker.set_tags(run_id, {lineage.UPSTREAM_ARTIFACT_URI: upstream_export})
     output_url = join(output_root, f"{stage}-{fingerprint[:12]}")
     trial = f"{job.name}-{stage}-{fingerprint[:12]}"
     try:
@@ -278,9 +278,10 @@ def run_one_stage(job, stage, tracker, job_run_id, manifests, digests, upstream,
 
 
 def record_result(tracker, run_id: str, stage: str, result: StageResult, job: JobConfig) -> None:
-    """Final metrics, the export and reports as artifacts, tags for caching; register the classifier."""
-    if result.metrics:
-        tracker.log_metrics(run_id, {f"final/{k}": v for k, v in result.metrics.items()})
+    """The export as an artifact and tags for caching; register the classifier.
+
+    The stage itself logged its metrics, images and reports (rank 0), so nothing is logged twice.
+    """
     tags = {}
     if result.export_url:
         tags[EXPORT_URL_TAG] = result.export_url
@@ -289,9 +290,6 @@ def record_result(tracker, run_id: str, stage: str, result: StageResult, job: Jo
         tags[EXPORT_DIGEST_TAG] = result.export_digest
     if tags:
         tracker.set_tags(run_id, tags)
-    for name, path in result.artifacts.items():
-        tracker.log_artifacts(run_id, path, "reports")
-        logger.debug("logged artifact %s", name)
     if stage == "finetune" and result.export_url:
         version = tracker.register_classifier(
             run_id, result.export_url, job.mlflow.registered_model,
