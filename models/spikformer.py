@@ -85,6 +85,11 @@ def _zero_masked(mask: VisibleMask | None, y: torch.Tensor) -> torch.Tensor:
     return y if mask is None else mask.apply(y)
 
 
+def _seq(lif: nn.Module, y: torch.Tensor, T: int) -> torch.Tensor:
+    """Apply a neuron to [T*B, ...] rows: it needs time as its own leading dimension [T, B, ...]."""
+    return lif(y.reshape(T, -1, *y.shape[1:])).flatten(0, 1)
+
+
 def _fire(lif: nn.Module, y: torch.Tensor, T: int, mask: VisibleMask | None) -> torch.Tensor:
     """LIF over [T*B, ...] rows (reshaped to [T, B, ...] for the neuron), masked positions re-zeroed.
 
@@ -136,11 +141,6 @@ class TimeDropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
-
-
-def _seq(fn, x: torch.Tensor, T: int) -> torch.Tensor:
-    """Run a per-time-step op on [T*B, ...] rows, and the LIF on [T, B, ...]: small shape helper."""
-    return fn(x.reshape(T, -1, *x.shape[1:])).flatten(0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
