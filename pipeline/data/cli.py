@@ -25,9 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--root", help="source folder/URL (imagefolder: ROOT/<class>/*; imagenet: ROOT/train, ROOT/val)"
     )
-    parser.add_argument(
-        "--split", default="train", help="split to write (digits/imagenet: train or val) [train]"
-    )
+    parser.add_argument("--split", default="train", help="split to write (digits/imagenet: train or val) [train]")
     parser.add_argument("--shard-max-count", type=int, default=1000, help="samples per shard at most [1000]")
     parser.add_argument("--shard-max-mb", type=float, default=None, help="shard size target in MB")
     parser.add_argument("--max-side", type=int, default=None, help="downscale and re-encode larger images")

@@ -56,9 +56,7 @@ def describe_fs_error(exc: BaseException) -> str:
             "(or AWS_PROFILE / a credentials file)"
         )
     if name in ("EndpointConnectionError", "ConnectionError", "ClientConnectorError"):
-        return (
-            f"cannot reach the storage endpoint ({exc}); check AWS_ENDPOINT_URL_S3 / FSSPEC_S3_ENDPOINT_URL"
-        )
+        return f"cannot reach the storage endpoint ({exc}); check AWS_ENDPOINT_URL_S3 / FSSPEC_S3_ENDPOINT_URL"
     return f"{name}: {exc}"
 
 

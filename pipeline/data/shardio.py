@@ -32,11 +32,7 @@ class EncodeOptions:
 
     @property
     def recipe(self) -> str:
-        return (
-            "original"
-            if self.max_side is None
-            else f"max_side={self.max_side},jpeg_quality={self.jpeg_quality}"
-        )
+        return "original" if self.max_side is None else f"max_side={self.max_side},jpeg_quality={self.jpeg_quality}"
 
 
 _OBJECT_REPR = re.compile(r"\s*@?\s*<[^<>]* at 0x[0-9a-fA-F]+>")

@@ -180,9 +180,7 @@ def _class_folder_samples(
             raise PipelineError(f"{label_root}/{folder}: empty class folder (no image files)")
         for path, size in files.items():
             relative = path[len(key_base) :].lstrip("/")
-            refs.append(
-                SampleRef(make_key(relative), index[folder], relative, fs.unstrip_protocol(path), size)
-            )
+            refs.append(SampleRef(make_key(relative), index[folder], relative, fs.unstrip_protocol(path), size))
     return refs
 
 
@@ -273,9 +271,7 @@ class ImageNetSource:
         label_file = self._label_file()
         if self._is_devkit(label_file):
             return sorted(self._devkit_wnids().values())
-        logger.warning(
-            "%s: no train/ folder; classes are the sorted wnids found in %s", self.root, label_file
-        )
+        logger.warning("%s: no train/ folder; classes are the sorted wnids found in %s", self.root, label_file)
         return sorted(set(self._flat_labels().values()))
 
     def samples(self) -> list[SampleRef]:
@@ -311,9 +307,7 @@ class ImageNetSource:
                 raise PipelineError(f"{self._url('val', relative)}: no label in {self._label_file()}")
             if wnid not in index:
                 raise PipelineError(f"{self._label_file()}: {stem}: wnid {wnid!r} is not a training class")
-            refs.append(
-                SampleRef(make_key(relative), index[wnid], relative, fs.unstrip_protocol(file_path), size)
-            )
+            refs.append(SampleRef(make_key(relative), index[wnid], relative, fs.unstrip_protocol(file_path), size))
         return refs
 
     def _label_file(self) -> str:
@@ -360,9 +354,7 @@ class ImageNetSource:
         labels = {}
         for number, parts in enumerate(lines, start=1):
             if len(parts) != 2:
-                raise PipelineError(
-                    f"{label_file}: line {number}: expected 'FILE WNID', got {' '.join(parts)!r}"
-                )
+                raise PipelineError(f"{label_file}: line {number}: expected 'FILE WNID', got {' '.join(parts)!r}")
             labels[posixpath.basename(parts[0]).rsplit(".", 1)[0]] = parts[1]
         return labels
 
@@ -397,11 +389,7 @@ class ImageNetSource:
             )
         try:
             synsets = scipy.io.loadmat(io.BytesIO(_read_url(meta_url)), squeeze_me=True)["synsets"]
-            return {
-                int(row["ILSVRC2012_ID"]): str(row["WNID"])
-                for row in synsets
-                if int(row["num_children"]) == 0
-            }
+            return {int(row["ILSVRC2012_ID"]): str(row["WNID"]) for row in synsets if int(row["num_children"]) == 0}
         except (KeyError, ValueError, TypeError) as exc:
             raise PipelineError(f"{meta_url}: not an ImageNet devkit meta.mat: {exc}") from None
 

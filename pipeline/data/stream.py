@@ -134,7 +134,7 @@ def plan_epoch(
     total = sum(shard_samples)
     if total == 0 or not shard_samples:
         raise PipelineError("the manifest lists no samples")
-    order = list(range(len(shard_samples)))
+    order = [i for i, n in enumerate(shard_samples) if n > 0]  # an empty shard would starve its reader
     if role != "eval":
         random.Random(_seed(_SHARD_ORDER, seed, epoch)).shuffle(order)
     units = _deal_units(order, readers)
@@ -144,7 +144,8 @@ def plan_epoch(
         for plan in flat:
             if sum(unit.size(shard_samples) for unit in plan.units) == 0:
                 raise PipelineError(
-                    f"a reader got only empty shards ({plan.units}); write more samples per shard"
+                    f"{total} samples in {len(order)} non-empty shards cannot feed {readers} readers "
+                    f"(world_size x workers); use fewer workers or write more samples"
                 )
         return [flat[r * workers : (r + 1) * workers] for r in range(world_size)]
     real = [sum(unit.size(shard_samples) for unit in u) for u in units]
@@ -152,9 +153,7 @@ def plan_epoch(
     per_rank = [sum(batches[r * workers : (r + 1) * workers]) for r in range(world_size)]
     target = max(per_rank)
     for r in range(world_size):
-        for extra in range(
-            target - per_rank[r]
-        ):  # padding batches, dealt round robin over the rank's workers
+        for extra in range(target - per_rank[r]):  # padding batches, dealt round robin over the rank's workers
             batches[r * workers + extra % workers] += 1
     flat = [ReaderPlan(u, b, n) for u, b, n in zip(units, batches, real, strict=True)]
     return [flat[r * workers : (r + 1) * workers] for r in range(world_size)]
@@ -284,9 +283,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
         if info is not None and info.num_workers != max(self.num_workers, 1):
-            raise RuntimeError(
-                f"stream planned for {self.num_workers} workers, DataLoader has {info.num_workers}"
-            )
+            raise RuntimeError(f"stream planned for {self.num_workers} workers, DataLoader has {info.num_workers}")
         plans = self.rank_plan()
         done, next_worker = resume_point([p.batches for p in plans], self.start_batch)
         # A fresh DataLoader starts with its worker 0; let that worker play the part of the worker
@@ -297,9 +294,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             self._transform = build_transform(self.role, self.img_size, self.augment)
         yield from self._batches(plans[worker], worker, skip, main_process=info is None)
 
-    def _batches(
-        self, plan: ReaderPlan, worker: int, skip: int, main_process: bool
-    ) -> Iterator[tuple[Any, Any]]:
+    def _batches(self, plan: ReaderPlan, worker: int, skip: int, main_process: bool) -> Iterator[tuple[Any, Any]]:
         items = self._eval_items(plan) if self.role == "eval" else self._train_items(plan, worker)
         position = 0
         self._counting = False
@@ -424,9 +419,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             units = list(plan.units)
             for pass_index in itertools.count():
                 if pass_index:
-                    random.Random(_seed(_PASS_ORDER, self.seed, self.epoch, reader, pass_index)).shuffle(
-                        units
-                    )
+                    random.Random(_seed(_PASS_ORDER, self.seed, self.epoch, reader, pass_index)).shuffle(units)
                 counted = _Counted(one_pass(units))
                 yield counted
                 if counted.n == 0:
@@ -549,9 +542,7 @@ class ShardLoader:
             count += 1
             yield batch
         if count != expected:
-            raise RuntimeError(
-                f"loader yielded {count} batches, planned {expected} (a bug in pipeline.data.stream)"
-            )
+            raise RuntimeError(f"loader yielded {count} batches, planned {expected} (a bug in pipeline.data.stream)")
 
 
 def build_loader(

@@ -56,14 +56,10 @@ def transform_options(role: str, augment: Mapping[str, Any] | None) -> dict[str,
     options = dict(ROLE_DEFAULTS[role])
     for key, value in (augment or {}).items():
         if key not in allowed:
-            raise PipelineError(
-                f"augment.{key}: not a timm create_transform option ({', '.join(sorted(allowed))})"
-            )
+            raise PipelineError(f"augment.{key}: not a timm create_transform option ({', '.join(sorted(allowed))})")
         options[key] = tuple(value) if isinstance(value, list) else value
     if role == "eval":  # training-only keys would be ignored by timm anyway; drop them for a clean repr
-        options = {
-            k: v for k, v in options.items() if k in ("interpolation", "crop_pct", "crop_mode", "mean", "std")
-        }
+        options = {k: v for k, v in options.items() if k in ("interpolation", "crop_pct", "crop_mode", "mean", "std")}
     return options
 
 
@@ -89,9 +85,7 @@ def _patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize_any_bits
 
 
-def build_transform(
-    role: str, img_size: int, augment: Mapping[str, Any] | None = None
-) -> Callable[[Any], Any]:
+def build_transform(role: str, img_size: int, augment: Mapping[str, Any] | None = None) -> Callable[[Any], Any]:
     """PIL RGB image -> normalised float tensor [3, img_size, img_size]."""
     from timm.data import create_transform
 

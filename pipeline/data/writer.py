@@ -128,9 +128,7 @@ def _write_shard(source: Any, dest: str, plan: ShardPlan, options: EncodeOptions
                 logger.warning("skipping %s: %s", ref.file, exc)
                 skipped.append((ref.file, str(exc)))
                 continue
-            tar.write(
-                sample_record(ref.key, ref.label, ref.file, ext, payload, width, height, options.recipe)
-            )
+            tar.write(sample_record(ref.key, ref.label, ref.file, ext, payload, width, height, options.recipe))
             samples += 1
         tar.close()
     return ShardResult(plan.index, plan.name, samples, out.bytes, out.sha256.hexdigest(), skipped)
@@ -172,14 +170,10 @@ def _reuse_existing(source: Any, dest: str, plan: ShardPlan, options: EncodeOpti
             skipped.append((ref.file, str(exc)))
             continue
         return None  # a sample that decodes now is missing: the shard is stale
-    return ShardResult(
-        plan.index, plan.name, len(found), reader.bytes, reader.sha256.hexdigest(), skipped, True
-    )
+    return ShardResult(plan.index, plan.name, len(found), reader.bytes, reader.sha256.hexdigest(), skipped, True)
 
 
-def write_shard_group(
-    source: Any, dest: str, plans: list[ShardPlan], options: EncodeOptions
-) -> list[ShardResult]:
+def write_shard_group(source: Any, dest: str, plans: list[ShardPlan], options: EncodeOptions) -> list[ShardResult]:
     """Write (or keep, if verified) each planned shard; the body of one Ray task."""
     results = []
     for plan in plans:

@@ -16,9 +16,7 @@ def make_jpeg(rng: random.Random, size: tuple[int, int] | None = None, mode: str
 
     width, height = size or (rng.randint(24, 48), rng.randint(24, 48))
     image = Image.new(mode, (4, 4))
-    image.putdata(
-        [tuple(rng.randrange(256) for _ in mode) if len(mode) > 1 else rng.randrange(256) for _ in range(16)]
-    )
+    image.putdata([tuple(rng.randrange(256) for _ in mode) if len(mode) > 1 else rng.randrange(256) for _ in range(16)])
     buffer = io.BytesIO()
     image.resize((width, height), Image.BILINEAR).save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()
@@ -83,7 +81,5 @@ def build_imagenet(root: Path, val_layout: str, per_class: int = 4, seed: int = 
         data = root / "ILSVRC2012_devkit_t12" / "data"
         data.mkdir(parents=True)
         scipy.io.savemat(str(data / "meta.mat"), {"synsets": synsets})
-        (data / "ILSVRC2012_validation_ground_truth.txt").write_text(
-            "".join(f"{ilsvrc_id[w]}\n" for w in truth)
-        )
+        (data / "ILSVRC2012_validation_ground_truth.txt").write_text("".join(f"{ilsvrc_id[w]}\n" for w in truth))
     return root

@@ -40,9 +40,7 @@ def break_image(path: Path, key: str) -> None:
 def truncate_inside(path: Path, key: str) -> None:
     """Cut the tar in the middle of `key`'s image data, as an interrupted copy would."""
     with tarfile.open(path) as tar:
-        member = next(
-            m for m in tar.getmembers() if m.name.startswith(key + ".") and m.name.endswith((".jpg", ".png"))
-        )
+        member = next(m for m in tar.getmembers() if m.name.startswith(key + ".") and m.name.endswith((".jpg", ".png")))
     with open(path, "r+b") as fh:
         fh.truncate(member.offset_data + member.size // 2)
 
@@ -77,9 +75,7 @@ def eval_loader(url: str, **kwargs):
 
 
 def test_raise_names_shard_and_key_for_an_undecodable_image(damaged: dict) -> None:
-    with pytest.raises(
-        PipelineError, match=rf"train-000001\.tar: sample '{damaged['bad_key']}': cannot decode"
-    ):
+    with pytest.raises(PipelineError, match=rf"train-000001\.tar: sample '{damaged['bad_key']}': cannot decode"):
         list(eval_loader(damaged["url"]))
     with pytest.raises(PipelineError, match=rf"train-000001\.tar: sample '{damaged['bad_key']}'"):
         list(eval_loader(damaged["url"], num_workers=2))  # raised in a worker process, re-raised here

@@ -24,9 +24,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-def test_empty_class_folder(
-    imagefolder_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_empty_class_folder(imagefolder_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "tree"
     shutil.copytree(imagefolder_root, root)
     (root / "empty").mkdir()
@@ -38,19 +36,13 @@ def test_empty_class_folder(
 
 def test_source_without_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bare").mkdir()
-    code, err = run_cli(
-        ["imagefolder", str(tmp_path / "out"), "--root", str(tmp_path / "bare"), "--no-ray"], capsys
-    )
+    code, err = run_cli(["imagefolder", str(tmp_path / "out"), "--root", str(tmp_path / "bare"), "--no-ray"], capsys)
     assert_one_line_error(code, err, str(tmp_path / "bare"), "no class folders")
 
-    code, err = run_cli(
-        ["imagenet", str(tmp_path / "out"), "--root", str(tmp_path / "bare"), "--no-ray"], capsys
-    )
+    code, err = run_cli(["imagenet", str(tmp_path / "out"), "--root", str(tmp_path / "bare"), "--no-ray"], capsys)
     assert_one_line_error(code, err, "train", "no class folders")
 
-    code, err = run_cli(
-        ["imagefolder", str(tmp_path / "out"), "--root", str(tmp_path / "missing"), "--no-ray"], capsys
-    )
+    code, err = run_cli(["imagefolder", str(tmp_path / "out"), "--root", str(tmp_path / "missing"), "--no-ray"], capsys)
     assert_one_line_error(code, err, str(tmp_path / "missing"), "not")
     assert not (tmp_path / "out").exists()
 

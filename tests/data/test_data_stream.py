@@ -21,9 +21,7 @@ torch.set_num_threads(1)
 
 
 def rank_loader(manifest_url: str, role: str, rank: int, **kwargs):
-    options = dict(
-        batch_size=BATCH, img_size=32, rank=rank, world_size=2, num_workers=2, seed=7, with_keys=True
-    )
+    options = dict(batch_size=BATCH, img_size=32, rank=rank, world_size=2, num_workers=2, seed=7, with_keys=True)
     options.update(kwargs)
     return build_loader(manifest_url, role, **options)
 
@@ -38,9 +36,7 @@ def collect(loader) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
 @pytest.mark.parametrize("shards", [[100] * 15, [7, 300, 1, 0, 45], [1437], [5, 5]])
 @pytest.mark.parametrize(("world", "workers"), [(2, 2), (3, 1), (1, 0)])
 def test_eval_plan_covers_every_sample_once_and_ranks_are_equal(shards, world, workers) -> None:
-    plans = plan_epoch(
-        shards, "eval", seed=0, epoch=0, world_size=world, num_workers=workers, batch_size=BATCH
-    )
+    plans = plan_epoch(shards, "eval", seed=0, epoch=0, world_size=world, num_workers=workers, batch_size=BATCH)
     covered = Counter()
     for rank_plans in plans:
         for plan in rank_plans:
@@ -61,6 +57,13 @@ def test_train_plan_equal_disjoint_and_epoch_seeded() -> None:
     again = plan_epoch(shards, "train", seed=1, epoch=0, world_size=2, num_workers=2, batch_size=BATCH)
     other = plan_epoch(shards, "train", seed=1, epoch=1, world_size=2, num_workers=2, batch_size=BATCH)
     assert again == plan and other != plan
+
+
+def test_train_plan_skips_empty_shards_and_rejects_too_few_samples() -> None:
+    plan = plan_epoch([100, 0, 100, 100, 100], "train", seed=0, epoch=0, world_size=2, num_workers=2, batch_size=8)
+    assert sorted(u.shard for rank_plans in plan for p in rank_plans for u in p.units) == [0, 2, 3, 4]
+    with pytest.raises(PipelineError, match="cannot feed 4 readers"):
+        plan_epoch([2, 0], "train", seed=0, epoch=0, world_size=2, num_workers=2, batch_size=8)
 
 
 def test_resume_point_follows_dataloader_round_robin() -> None:
@@ -160,12 +163,8 @@ def test_bad_loader_arguments(digits_shards: str) -> None:
 
 
 def test_memory_shards_stream_in_process() -> None:
-    report = write_shards(
-        "digits", "memory://stream-test/digits", split="val", shard_max_count=100, progress=False
-    )
-    loader = build_loader(
-        report.manifest_url, "eval", batch_size=50, img_size=32, num_workers=0, with_keys=True
-    )
+    report = write_shards("digits", "memory://stream-test/digits", split="val", shard_max_count=100, progress=False)
+    loader = build_loader(report.manifest_url, "eval", batch_size=50, img_size=32, num_workers=0, with_keys=True)
     labels = torch.cat([labels for _, labels, _ in loader])
     assert len(loader) == 8 and int((labels >= 0).sum()) == 360
     written = sorted(int(s["cls"]) for s in samples_of(report.manifest_url).values())
@@ -173,9 +172,7 @@ def test_memory_shards_stream_in_process() -> None:
 
 
 def test_s3_shards_stream_with_worker_processes(s3_endpoint: str) -> None:
-    report = write_shards(
-        "digits", "s3://shards/stream", split="val", shard_max_count=60, workers=0, progress=False
-    )
+    report = write_shards("digits", "s3://shards/stream", split="val", shard_max_count=60, workers=0, progress=False)
     loader = build_loader(
         report.manifest_url, "train", batch_size=16, img_size=32, num_workers=2, augment={"re_prob": 0.0}
     )

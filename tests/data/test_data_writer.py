@@ -38,9 +38,7 @@ def samples_of(manifest_url: str) -> dict[str, dict[str, bytes]]:
 
 
 def test_digits_manifest_and_shards(tmp_path: Path) -> None:
-    report = write_shards(
-        "digits", str(tmp_path), split="train", shard_max_count=400, workers=0, progress=False
-    )
+    report = write_shards("digits", str(tmp_path), split="train", shard_max_count=400, workers=0, progress=False)
     manifest = load_manifest(report.manifest_url)
     assert report.manifest_url == f"{tmp_path}/train.manifest.json"
     assert manifest.num_samples == len(digits_split_indices("train")) == 1437
@@ -63,9 +61,7 @@ def test_digits_manifest_and_shards(tmp_path: Path) -> None:
     first = next(iter(samples.values()))
     assert Image.open(io.BytesIO(first["png"])).size == (32, 32)
     # shards are shuffled across classes, not class-sorted
-    first_shard_labels = {
-        int(data) for name, data in tar_members(manifest.shard_urls()[0]) if name.endswith(".cls")
-    }
+    first_shard_labels = {int(data) for name, data in tar_members(manifest.shard_urls()[0]) if name.endswith(".cls")}
     assert len(first_shard_labels) == 10
 
     val = write_shards("digits", str(tmp_path), split="val", workers=0, progress=False)
@@ -85,22 +81,16 @@ def test_rerun_reuses_shards_and_rewrites_a_damaged_one(tmp_path: Path) -> None:
 
     damaged = shard_paths[2]
     damaged.write_bytes(damaged.read_bytes()[:5000])  # as if an older tool left a partial file
-    repaired = write_shards(
-        "digits", str(tmp_path), split="val", shard_max_count=100, workers=0, progress=False
-    )
+    repaired = write_shards("digits", str(tmp_path), split="val", shard_max_count=100, workers=0, progress=False)
     assert (repaired.written, repaired.reused) == (1, 3)
     assert repaired.manifest.digest == first.manifest.digest  # byte-identical rewrite
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_verify_passes_then_reports_a_tampered_shard(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_verify_passes_then_reports_a_tampered_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from pipeline.__main__ import main
 
-    report = write_shards(
-        "digits", str(tmp_path), split="val", shard_max_count=150, workers=0, progress=False
-    )
+    report = write_shards("digits", str(tmp_path), split="val", shard_max_count=150, workers=0, progress=False)
     assert main(["shards", "verify", report.manifest_url]) == 0
     assert "ok, 3 shards, 360 samples" in capsys.readouterr().out
     result = verify_manifest(report.manifest_url)
@@ -183,12 +173,8 @@ def test_max_side_reencodes_large_images(imagefolder_root: Path, tmp_path: Path)
 @pytest.mark.parametrize("layout", ["folders", "loc_csv", "devkit"])
 def test_imagenet_labels_follow_sorted_wnids(tmp_path: Path, layout: str) -> None:
     root = build_imagenet(tmp_path / "ilsvrc", layout)
-    train = write_shards(
-        "imagenet", str(tmp_path / "out"), root=str(root), split="train", workers=0, progress=False
-    )
-    val = write_shards(
-        "imagenet", str(tmp_path / "out"), root=str(root), split="val", workers=0, progress=False
-    )
+    train = write_shards("imagenet", str(tmp_path / "out"), root=str(root), split="train", workers=0, progress=False)
+    val = write_shards("imagenet", str(tmp_path / "out"), root=str(root), split="val", workers=0, progress=False)
     assert train.manifest.classes == val.manifest.classes == sorted(WNIDS)
     assert train.manifest.num_samples == 12 and val.manifest.num_samples == 7
     for key, sample in samples_of(train.manifest_url).items():
@@ -214,9 +200,7 @@ def test_s3_destination_in_process(s3_endpoint: str, imagefolder_root: Path) -> 
     import s3fs
 
     dest = "s3://shards/pets"
-    report = write_shards(
-        "imagefolder", dest, root=str(imagefolder_root), shard_max_count=8, workers=0, progress=False
-    )
+    report = write_shards("imagefolder", dest, root=str(imagefolder_root), shard_max_count=8, workers=0, progress=False)
     assert verify_manifest(report.manifest_url).samples == 20
     fs = s3fs.S3FileSystem()
     assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("shards/pets")) == [
@@ -225,17 +209,13 @@ def test_s3_destination_in_process(s3_endpoint: str, imagefolder_root: Path) -> 
         "train-000002.tar",
         "train.manifest.json",
     ]
-    again = write_shards(
-        "imagefolder", dest, root=str(imagefolder_root), shard_max_count=8, workers=0, progress=False
-    )
+    again = write_shards("imagefolder", dest, root=str(imagefolder_root), shard_max_count=8, workers=0, progress=False)
     assert again.reused == 3 and again.manifest.digest == report.manifest.digest
 
 
 def test_ray_tasks_write_the_same_shards(ray_local: None, tmp_path: Path) -> None:
     """Ray tasks (one per group of shards) write byte-identical shards to in-process writing, on s3 too."""
-    local = write_shards(
-        "digits", str(tmp_path / "a"), split="val", shard_max_count=50, workers=0, progress=False
-    )
+    local = write_shards("digits", str(tmp_path / "a"), split="val", shard_max_count=50, workers=0, progress=False)
     ray_written = write_shards(
         "digits", "s3://shards/digits-ray", split="val", shard_max_count=50, shards_per_task=3, progress=False
     )
@@ -257,8 +237,5 @@ def test_atomic_writer_leaves_nothing_on_failure(tmp_path: Path, s3_endpoint: st
         assert not (fs.exists(parent) and fs.ls(parent)), f"left behind in {url}: {fs.ls(parent)}"
         with atomic_writer(url) as out:
             out.write(b"complete")
-        assert (
-            fs.cat_file(path) == b"complete"
-            and out.sha256.hexdigest() == hashlib.sha256(b"complete").hexdigest()
-        )
+        assert fs.cat_file(path) == b"complete" and out.sha256.hexdigest() == hashlib.sha256(b"complete").hexdigest()
     s3fs.S3FileSystem.clear_instance_cache()
