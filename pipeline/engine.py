@@ -502,6 +502,11 @@ def build_engine(
     length = schedule_length(
         optim, epochs=loop.epochs, steps_per_epoch=steps_per_epoch, max_steps=loop.max_steps
     )
+    if config["bf16"]["enabled"]:
+        # DeepSpeed casts the module to bf16 itself under ZeRO 0-2, but under ZeRO-3 only the parameters,
+        # leaving BN buffers fp32 (BatchNorm then fails on bf16 inputs). Cast everything up front, in
+        # place, so the optimizer's param groups still hold the same Parameter objects.
+        model.to(torch.bfloat16)
     optimizer = build_optimizer(model, optim, lr)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     # The ZeRO wrappers keep the client optimizer's param_group dicts, so the schedule can drive them.

@@ -3,9 +3,10 @@
 Phases (each rank writes what it saw to OUT/rank<r>.json; test_distributed.py asserts on it):
   U  uninterrupted: N steps, checkpoint every K (keep_last 3) and at the end, export.
   R  a fresh engine (other init seed) resumes U's tag at step S, runs to N, exports: must match U.
-  N  R takes one more step with a NaN loss on rank 1: must raise on both ranks and not save.
-  C  crash simulation: a fresh engine resumes R's dir, steps once, writes tag N+1 without
-     publishing it; another fresh engine resumes the dir: must land on step N again.
+     Then R takes step N+1 and writes its tag without publishing it (a crash between the two),
+     and step N+2 with a NaN loss on rank 1: must raise on both ranks and not save.
+  E  a fresh engine resumes R's folder: must land on step N (not N+1) and redo step N+1 exactly.
+  B  bf16 on CPU for a few steps: the export holds the fp32 master weights.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import time
 from pathlib import Path
 
 import deepspeed
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy import ToyNet, epoch_batches, relu_firing_rates  # noqa: E402
+from toy import VARIANT, VARIANT_KWARGS, create_spikformer, epoch_batches  # noqa: E402
 
 from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.config import CheckpointSettings, DeepSpeedSettings, LoopSettings, OptimizerSettings  # noqa: E402
@@ -34,6 +36,7 @@ from pipeline.export import read_export  # noqa: E402
 
 DATASET = 64
 MICRO, ACCUM = 4, 2
+LR = 1e-2
 STEPS, EVERY, RESUME_AT = 24, 5, 15  # tags 5..24, keep_last 3 -> 15, 20, 24 survive
 
 
@@ -48,11 +51,13 @@ def parse() -> argparse.Namespace:
 class Run:
     """Drives one engine over the toy data, recording losses, batch ids and metrics per step."""
 
-    def __init__(self, args: argparse.Namespace, model_seed: int, *, nan_at: int | None = None) -> None:
+    def __init__(
+        self, args: argparse.Namespace, model_seed: int, *, nan_at: int | None = None, precision: str = "auto"
+    ) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.nan_at = nan_at
         torch.manual_seed(model_seed)
-        model = ToyNet()
+        model = create_spikformer()
         loop = LoopSettings(
             max_steps=STEPS,
             batch_size=MICRO,
@@ -61,18 +66,16 @@ class Run:
             firing_rate_every_steps=8,
             checkpoint=CheckpointSettings(every_steps=EVERY, keep_last=3),
         )
-        optim = OptimizerSettings(
-            lr=2e-2, warmup_epochs=1, min_lr=1e-4, warmup_lr=1e-4, layer_decay=args.layer_decay
-        )
+        optim = OptimizerSettings(lr=LR, warmup_epochs=1, min_lr=1e-4, warmup_lr=1e-4, layer_decay=args.layer_decay)
         started = time.perf_counter()
         self.engine = build_engine(
             model,
-            DeepSpeedSettings(zero_stage=args.zero, grad_clip=5.0),
+            DeepSpeedSettings(zero_stage=args.zero, grad_clip=5.0, precision=precision),
             optim,
             loop,
             loss_fn=self.loss,
             steps_per_epoch=DATASET // (MICRO * ACCUM * self.world),
-            firing_rate_fn=relu_firing_rates,
+            firing_rate_fn="default",
         )
         self.init_s = time.perf_counter() - started
         torch.manual_seed(100 + self.rank)  # per-rank dropout streams: RNG restore must be per rank
@@ -110,9 +113,7 @@ class Run:
                 if out.metrics:
                     self.metrics[out.step] = out.metrics
                 if ckpt_dir and eng.should_checkpoint():
-                    eng.save_checkpoint(
-                        ckpt_dir, epoch=self.epoch, batch_in_epoch=self.batch, extra={"note": "toy"}
-                    )
+                    eng.save_checkpoint(ckpt_dir, epoch=self.epoch, batch_in_epoch=self.batch, extra={"note": "toy"})
             if self.batch + ACCUM > len(batches):
                 self.epoch, self.batch = self.epoch + 1, 0
 
@@ -141,9 +142,7 @@ def main() -> None:
     u.train(STEPS, rank_dir("ckpt_u"))
     if u.engine.last_checkpoint is None or not u.engine.last_checkpoint.endswith(ckpt.tag_for_step(STEPS)):
         u.engine.save_checkpoint(rank_dir("ckpt_u"), epoch=u.epoch, batch_in_epoch=u.batch)
-    digest = u.engine.export(
-        rank_dir("export_u"), variant="toy", kwargs={"width": 8}, extra={"stage": "test"}
-    )
+    digest = u.engine.export(rank_dir("export_u"), variant=VARIANT, kwargs=VARIANT_KWARGS, extra={"stage": "test"})
     u_params = u.params()
     res.update(
         u_lrs=u.lrs,
@@ -159,7 +158,7 @@ def main() -> None:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         sd, config = read_export(rank_dir("export_u"))
-        fresh = ToyNet(**config["kwargs"])
+        fresh = timm.create_model(config["variant"], **config["kwargs"])
         missing, unexpected = fresh.load_state_dict(sd, strict=True)
         res["export_config"] = config
         res["export_equals_engine"] = same(sd, fresh.state_dict()) and same(sd, u_params)
@@ -177,14 +176,20 @@ def main() -> None:
     res["u_lr_at_resume"] = u.lrs[RESUME_AT]
     r.train(STEPS, rank_dir("ckpt_r"))
     r.engine.save_checkpoint(rank_dir("ckpt_r"), epoch=r.epoch, batch_in_epoch=r.batch)
-    r.engine.export(rank_dir("export_r"), variant="toy", kwargs={"width": 8})
-    res.update(r_losses=r.losses, r_ids=r.first_ids, r_params_equal_u=same(r.params(), u_params))
+    r.engine.export(rank_dir("export_r"), variant=VARIANT, kwargs=VARIANT_KWARGS)
+    res.update(r_losses=dict(r.losses), r_ids=dict(r.first_ids), r_params_equal_u=same(r.params(), u_params))
 
-    # ---- N: NaN on rank 1 at step STEPS + 1
-    r.nan_at = STEPS + 1
+    # ---- crash simulation: R steps once more and writes tag STEPS+1 but never publishes it
+    r.train(STEPS + 1, None)
+    ckpt.write_tag(r.engine.ds, rank_dir("ckpt_r"), r.engine.step, {"step": r.engine.step})
+    dist.barrier()
+    res["crash_tags"] = sorted(p.name for p in (out / "ckpt_r").iterdir() if p.is_dir())
+
+    # ---- NaN on rank 1 at step STEPS + 2: raises on both ranks, nothing saved
+    r.nan_at = STEPS + 2
     latest_before = ckpt.read_latest(out / "ckpt_r")
     try:
-        r.train(STEPS + 1, rank_dir("ckpt_r"))
+        r.train(STEPS + 2, rank_dir("ckpt_r"))
         res["nan_error"] = None
     except PipelineError as err:
         res["nan_error"] = str(err)
@@ -197,13 +202,7 @@ def main() -> None:
     res["nan_latest"] = [latest_before, ckpt.read_latest(out / "ckpt_r")]
     res["nan_tags"] = sorted(p.name for p in (out / "ckpt_r").iterdir() if p.is_dir())
 
-    # ---- C: a tag written but never published (crash between the two), then resume
-    c = Run(args, model_seed=2)
-    c.resume(rank_dir("ckpt_r"))
-    c.train(STEPS + 1, None)
-    ckpt.write_tag(c.engine.ds, rank_dir("ckpt_r"), c.engine.step, {"step": c.engine.step})
-    dist.barrier()
-    res["crash_tags"] = sorted(p.name for p in (out / "ckpt_r").iterdir() if p.is_dir())
+    # ---- E: a fresh engine resumes R's folder: `latest` still names STEPS, not the unpublished tag
     e = Run(args, model_seed=3)
     state = e.resume(rank_dir("ckpt_r"))
     res["crash_resumed_step"] = state["step"]
@@ -212,7 +211,20 @@ def main() -> None:
     e.engine.save_checkpoint(rank_dir("ckpt_r"), epoch=e.epoch, batch_in_epoch=e.batch)
     res["after_crash_tags"] = sorted(p.name for p in (out / "ckpt_r").iterdir() if p.is_dir())
     res["after_crash_latest"] = ckpt.read_latest(out / "ckpt_r")
-    res["c_loss"], res["e_loss"] = c.losses[STEPS + 1], e.losses[STEPS + 1]
+    res["c_loss"], res["e_loss"] = r.losses[STEPS + 1], e.losses[STEPS + 1]
+
+    # ---- B: bf16 (the GPU default) on CPU: inputs cast for the bf16 module, export from fp32 masters
+    b = Run(args, model_seed=4, precision="bf16")
+    b.train(3, None)
+    sd = b.engine.state_dict_fp32()
+    params = list(b.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], enabled=args.zero == 3):
+        module_bf16 = {n: p.detach().clone() for n, p in params}
+    res["bf16_losses"] = list(b.losses.values())
+    res["bf16_module_dtypes"] = sorted({str(v.dtype) for v in module_bf16.values()})
+    res["bf16_export_dtypes"] = sorted({str(v.dtype) for v in sd.values()})
+    res["bf16_export_rounds_to_module"] = all(torch.equal(sd[n].to(torch.bfloat16), v) for n, v in module_bf16.items())
+    res["bf16_export_is_not_just_bf16"] = any(not torch.equal(sd[n], v.float()) for n, v in module_bf16.items())
 
     with open(out / f"rank{dist.get_rank()}.json", "w") as f:
         json.dump(res, f, indent=1, default=str)

@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 
 import pytest
+import timm
 import torch
+from toy import VARIANT, VARIANT_KWARGS, create_spikformer
 
+from models import MultiStepLIF
 from pipeline.export import export_digest, read_export
 
-from .toy import ToyNet
-
-STEPS, RESUME_AT, NEXT = 24, 15, 25  # as in _dist_train.py
+STEPS, RESUME_AT, NEXT, NAN_STEP = 24, 15, 25, 26  # as in _dist_train.py
 
 
 def _by_step(d: dict) -> dict[int, object]:
@@ -35,7 +36,7 @@ def test_loss_decreases(run):
     assert sorted(losses) == list(range(1, STEPS + 1))
     first = sum(losses[s] for s in range(1, 5)) / 4
     last = sum(losses[s] for s in range(STEPS - 3, STEPS + 1)) / 4
-    assert last < 0.8 * first, (first, last)
+    assert last < 0.85 * first, (first, last)
     # the loss is averaged over ranks: both ranks report the same number
     assert run["ranks"][0]["u_losses"] == run["ranks"][1]["u_losses"]
 
@@ -59,9 +60,12 @@ def test_metrics_at_log_steps(run):
         assert m["skipped_samples"] == 1 + 2  # each rank passed rank + 1: summed over ranks
         has_rates = any(k.startswith("firing_rate/") for k in m)
         assert has_rates == (step % 8 == 0), (step, sorted(m))  # firing_rate_every_steps=8
-    rates = {k: v for k, v in metrics[8].items() if k.startswith("firing_rate/")}
-    assert set(rates) == {"firing_rate/stem.2", "firing_rate/block.0.2", "firing_rate/block.1.2"}
-    assert all(0 < v < 1 for v in rates.values())
+    # models.energy.firing_rates (the default probe): one rate per LIF layer of the model
+    lif_names = {n for n, m in create_spikformer().named_modules() if isinstance(m, MultiStepLIF)}
+    for step in (8, 16, 24):
+        rates = {k.removeprefix("firing_rate/"): v for k, v in metrics[step].items() if k.startswith("firing_rate/")}
+        assert set(rates) == lif_names
+        assert all(0 <= v <= 1 for v in rates.values()) and any(v > 0 for v in rates.values())
     # interval mean of the per-step losses
     losses = _by_step(run["ranks"][0]["u_losses"])
     assert metrics[8]["loss"] == pytest.approx(sum(losses[s] for s in range(5, 9)) / 4, rel=1e-12)
@@ -69,8 +73,8 @@ def test_metrics_at_log_steps(run):
 
 def test_schedule_per_optimizer_step(run):
     lrs = _by_step(run["ranks"][0]["u_lrs"])
-    # warmup_epochs=1 = 4 optimizer steps (64 samples / (4 x 2 x 2)): 1e-4 up to 2e-2, then cosine to 1e-4
-    assert lrs[4] == pytest.approx(2e-2)
+    # warmup_epochs=1 = 4 optimizer steps (64 samples / (4 x 2 x 2)): 1e-4 up to 1e-2, then cosine to 1e-4
+    assert lrs[4] == pytest.approx(1e-2)
     assert lrs[1] < lrs[2] < lrs[3] < lrs[4]
     assert all(lrs[s] > lrs[s + 1] for s in range(4, STEPS))
     assert lrs[STEPS] == pytest.approx(1e-4)
@@ -81,8 +85,8 @@ def test_layer_decay_groups(run):
     if run["zero"] != 2:
         assert scales == [1.0]
         return
-    # stem, block 0, block 1, head -> 0.5**3 .. 1; timm's scheduler applies lr_scale to every group
-    assert scales == [0.125, 0.25, 0.5, 1.0]
+    # stem, block 0, block 1, head -> 0.75**3 .. 1; timm's scheduler applies lr_scale to every group
+    assert scales == pytest.approx([0.75**3, 0.75**2, 0.75, 1.0])
     for lr, scale in run["ranks"][0]["group_lrs"]:
         assert lr == pytest.approx(1e-4 * scale)  # warmup_lr at step 0, scaled
 
@@ -94,9 +98,9 @@ def test_export_reloads_bit_exactly(run):
     url = str(run["out"] / "export_u")
     assert r0["digest"] == r1["digest"] == export_digest(url)
     state_dict, config = read_export(url)
-    assert config["format"] == "spikformer-export/1" and config["variant"] == "toy"
-    assert config["kwargs"] == {"width": 8} and config["step"] == STEPS and config["stage"] == "test"
-    model = ToyNet(**config["kwargs"])
+    assert config["format"] == "spikformer-export/1" and config["variant"] == VARIANT
+    assert config["kwargs"] == VARIANT_KWARGS and config["step"] == STEPS and config["stage"] == "test"
+    model = timm.create_model(config["variant"], **config["kwargs"])
     model.load_state_dict(state_dict, strict=True)
     assert any("running_mean" in k for k in state_dict)
     for name, value in model.state_dict().items():
@@ -124,10 +128,10 @@ def test_checkpoint_tags_and_pruning(run):
 
 def test_nan_loss_stops_without_saving(run):
     for rank in run["ranks"]:
-        assert rank["nan_error"] and f"step {NEXT}" in rank["nan_error"]  # raised on both ranks
+        assert rank["nan_error"] and f"step {NAN_STEP}" in rank["nan_error"]  # raised on both ranks
         assert "refusing" in rank["save_after_nan"]
         assert rank["nan_latest"] == ["step00000024", "step00000024"]
-        assert f"step{NEXT:08d}" not in rank["nan_tags"]
+        assert f"step{NAN_STEP:08d}" not in rank["nan_tags"]
 
 
 def test_unpublished_tag_is_not_resumed(run):
@@ -135,5 +139,14 @@ def test_unpublished_tag_is_not_resumed(run):
         assert f"step{NEXT:08d}" in rank["crash_tags"]  # written, but `latest` not moved
         assert rank["crash_resumed_step"] == STEPS
         assert rank["crash_params_equal_u"]
-        assert rank["c_loss"] == rank["e_loss"]
+        assert rank["c_loss"] == rank["e_loss"]  # step NEXT redone bit-exactly
         assert rank["after_crash_latest"] == f"step{NEXT:08d}"  # the next real save publishes again
+
+
+def test_bf16_trains_and_exports_fp32_master_weights(run):
+    for rank in run["ranks"]:
+        assert len(rank["bf16_losses"]) == 3 and all(math.isfinite(x) for x in rank["bf16_losses"])
+        assert rank["bf16_module_dtypes"] == ["torch.bfloat16"]
+        assert rank["bf16_export_dtypes"] == ["torch.float32", "torch.int64"]
+        # the export holds the fp32 master copy: it rounds to the bf16 weights but carries more bits
+        assert rank["bf16_export_rounds_to_module"] and rank["bf16_export_is_not_just_bf16"]

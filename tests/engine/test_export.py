@@ -8,11 +8,10 @@ import json
 import fsspec
 import pytest
 import torch
+from toy import ToyNet
 
 from pipeline.errors import PipelineError
 from pipeline.export import export_digest, load_export, read_export, write_export
-
-from .toy import ToyNet
 
 
 def _model_state() -> dict[str, torch.Tensor]:
@@ -26,9 +25,7 @@ def _model_state() -> dict[str, torch.Tensor]:
 def test_round_trip_is_bit_exact(tmp_path, kind):
     url = str(tmp_path / "export") if kind == "local" else "memory://engine-tests/export"
     state = _model_state()
-    digest = write_export(
-        state, {"variant": "toy", "kwargs": {"width": 8}, "stage": "finetune", "step": 7}, url
-    )
+    digest = write_export(state, {"variant": "toy", "kwargs": {"width": 8}, "stage": "finetune", "step": 7}, url)
     loaded, config = read_export(url)
     assert config == {
         "format": "spikformer-export/1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from toy import ToyNet
 
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings
 from pipeline.engine import deepspeed_config
@@ -15,8 +16,6 @@ from pipeline.optim import (
     resolve_lr,
     schedule_length,
 )
-
-from .toy import ToyNet
 
 
 def _names(model, group):
@@ -84,15 +83,11 @@ def test_optimizer_is_torch_adamw():
 
 
 def test_deepspeed_config_from_settings():
-    ds = DeepSpeedSettings(
-        zero_stage=3, grad_clip=1.0, config_overrides={"zero_optimization": {"overlap_comm": True}}
-    )
+    ds = DeepSpeedSettings(zero_stage=3, grad_clip=1.0, config_overrides={"zero_optimization": {"overlap_comm": True}})
     config = deepspeed_config(ds, LoopSettings(batch_size=8, grad_accum_steps=4), world_size=2)
     assert config["train_batch_size"] == 64 and config["train_micro_batch_size_per_gpu"] == 8
     assert config["gradient_accumulation_steps"] == 4 and config["gradient_clipping"] == 1.0
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # merged, not replaced
     assert config["bf16"]["enabled"] is torch.cuda.is_available()  # precision auto
     assert deepspeed_config(DeepSpeedSettings(precision="bf16"), LoopSettings(), 1)["bf16"]["enabled"] is True
-    assert (
-        deepspeed_config(DeepSpeedSettings(precision="fp32"), LoopSettings(), 1)["bf16"]["enabled"] is False
-    )
+    assert deepspeed_config(DeepSpeedSettings(precision="fp32"), LoopSettings(), 1)["bf16"]["enabled"] is False
