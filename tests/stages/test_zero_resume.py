@@ -1,0 +1,129 @@
+"""Each ZeRO stage (1, 2, 3): the stages under torchrun (2 CPU ranks, gloo), killed and resumed.
+
+Per ZeRO stage two launches (see stage_helpers.launch):
+1. stages up to the faulted one; the fault hook kills rank 0 right after optimizer step 6
+   (checkpoints every 4 steps), so the launch fails with step 4 as the last checkpoint;
+2. pretrain, finetune, evaluate again: the finished stages resume at their end and re-export, the
+   killed one continues from step 4.
+Variety per ZeRO stage: ZeRO-1 kills pretrain; ZeRO-2 kills pretrain and finetunes with Mixup/CutMix;
+ZeRO-3 kills finetune, which keeps an EMA (its weights are checkpointed, resumed and exported).
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from stage_helpers import VAL_SAMPLES, launch, make_job, read_jsonl, result, trace
+
+import models  # noqa: F401
+from pipeline.checkpoint import read_latest
+from pipeline.export import export_digest, read_export
+
+pytestmark = pytest.mark.slow
+
+STEPS, EVERY, KILL_AT = 12, 4, 6
+CASES = {1: ("pretrain", {}), 2: ("pretrain", {"stages.finetune.mixup": 0.8, "stages.finetune.cutmix": 1.0}),
+         3: ("finetune", {"stages.finetune.ema": {"enabled": True, "decay": 0.9}})}
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda z: f"zero{z}")
+def runs(request, digits_shards, tmp_path_factory):
+    zero = request.param
+    killed, extra = CASES[zero]
+    out = tmp_path_factory.mktemp(f"stages_zero{zero}")
+    job = make_job(digits_shards, **{
+        "deepspeed.zero_stage": zero, "stages.pretrain.max_steps": STEPS, "stages.finetune.max_steps": STEPS,
+        "stages.pretrain.checkpoint.every_steps": EVERY, "stages.finetune.checkpoint.every_steps": EVERY,
+        "test_hooks": {"kill_stage": killed, "kill_rank": 0, "kill_at_step": KILL_AT}, **extra,
+    })
+    first = "pretrain" if killed == "pretrain" else "pretrain,finetune"
+    launch(out, job, first, expect_rc=1)
+    first_run = {stage: trace(out, stage) for stage in ("pretrain", "finetune")}
+    pretrain_digest = result(out, "pretrain")["export_digest"] if killed == "finetune" else None
+    (out / "trace-rank0.jsonl").rename(out / "trace-run1-rank0.jsonl")
+    (out / "trace-rank1.jsonl").rename(out / "trace-run1-rank1.jsonl")
+    launch(out, job, "pretrain,finetune,evaluate")
+    return {"zero": zero, "killed": killed, "out": out, "first": first_run, "pretrain_digest": pretrain_digest}
+
+
+def test_killed_stage_resumes_at_the_checkpoint_with_the_same_next_batch(runs):
+    stage, out = runs["killed"], runs["out"]
+    before = {r["step"]: r for r in runs["first"][stage]}
+    after = {r["step"]: r for r in trace(out, stage)}
+    assert sorted(before) == list(range(1, KILL_AT + 1))  # killed right after step 6
+    assert sorted(after) == list(range(EVERY + 1, STEPS + 1))  # continued after the step-4 checkpoint
+    for step in range(EVERY + 1, KILL_AT + 1):  # the steps both runs made: same data, same result
+        assert after[step]["batch"] == before[step]["batch"], step
+        assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-6, abs=1e-7), step
+    for rank in (0, 1):  # the other rank also saw the same batches
+        b = {r["step"]: r["batch"] for r in read_jsonl(out / f"trace-run1-rank{rank}.jsonl") if r["stage"] == stage}
+        a = {r["step"]: r["batch"] for r in trace(out, stage, rank)}
+        assert all(a[s] == b[s] for s in range(EVERY + 1, KILL_AT + 1))
+
+
+def test_loss_decreases(runs):
+    stage, out = runs["killed"], runs["out"]
+    losses = {r["step"]: r["loss"] for r in runs["first"][stage]} | {r["step"]: r["loss"] for r in trace(out, stage)}
+    first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (10, 11, 12)) / 3
+    assert last < 0.97 * first, (first, last)
+
+
+def test_finished_stage_resumes_at_its_end_and_reexports_identically(runs):
+    if runs["killed"] != "finetune":
+        pytest.skip("pretrain was the killed stage here")
+    assert trace(runs["out"], "pretrain") == []  # no step re-run
+    assert result(runs["out"], "pretrain")["export_digest"] == runs["pretrain_digest"]
+
+
+def _final_checkpoint(stage_dir):
+    ckpt_dir = stage_dir / "work" / "checkpoints"
+    tag = read_latest(ckpt_dir)
+    assert tag == f"step{STEPS:08d}"
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+
+
+def test_exports_equal_the_final_checkpoint_and_reload_strictly(runs):
+    out = runs["out"]
+    # pretrain: the encoder part of the consolidated ZeRO checkpoint, under the classifier's names
+    state, config = read_export(str(out / "pretrain" / "export"))
+    ckpt = _final_checkpoint(out / "pretrain")
+    encoder = {k.removeprefix("encoder."): v for k, v in ckpt.items() if k.startswith("encoder.")}
+    assert set(state) == set(encoder) and not any(k.startswith("head.") for k in state)
+    assert all(torch.equal(state[k], encoder[k]) for k in state)
+    model = timm.create_model(config["variant"], **config["kwargs"])
+    model.load_state_dict(state, strict=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    # finetune: the whole classifier (or, with EMA, the EMA weights kept in the checkpoint)
+    state, config = read_export(str(out / "finetune" / "export"))
+    assert config["ema"] == (runs["zero"] == 3)
+    if config["ema"]:
+        tag = read_latest(out / "finetune" / "work" / "checkpoints")
+        files = sorted((out / "finetune" / "work" / "checkpoints" / tag).glob("*model_states.pt"))
+        client = torch.load(files[0], map_location="cpu", weights_only=False)
+        reference = client["ema"]
+        live = _final_checkpoint(out / "finetune")
+        assert any(not torch.equal(live[k], reference[k]) for k in live)  # EMA differs from the live weights
+    else:
+        reference = _final_checkpoint(out / "finetune")
+    assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in state)
+    model = timm.create_model(config["variant"], **config["kwargs"])
+    model.load_state_dict(state, strict=True)
+    assert result(out, "finetune")["export_digest"] == export_digest(str(out / "finetune" / "export"))
+
+
+def test_every_rank_reports_each_checkpoint(runs):
+    out, stage = runs["out"], runs["killed"]
+    reports = read_jsonl(out / stage / "reports.jsonl")
+    for rank in (0, 1):
+        steps = [int(r["metrics"]["step"]) for r in reports if r["rank"] == rank]
+        assert steps == [4, 8, STEPS], steps  # run 1: step 4, then killed; run 2: 8 and the final one
+        for r in reports:
+            tag = f"step{int(r['metrics']['step']):08d}"
+            assert "latest" in r["checkpoint_files"] and any(f.startswith(tag + "/") for f in r["checkpoint_files"])
+
+
+def test_evaluate_counts_every_sample_once(runs):
+    metrics = result(runs["out"], "evaluate")["metrics"]
+    assert metrics["n_samples"] == VAL_SAMPLES
