@@ -148,9 +148,7 @@ def _to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None
 def _first_tensor(batch: Any) -> torch.Tensor | None:
     if isinstance(batch, torch.Tensor):
         return batch
-    values = (
-        batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
-    )
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
     for value in values:
         found = _first_tensor(value)
         if found is not None:
@@ -294,9 +292,7 @@ class TrainEngine:
             compute_s=time.perf_counter() - started,
             aux={k: float(v) for k, v in aux.items()},
         )
-        return StepOutput(
-            step=self.step, loss=step_loss, metrics=self._metrics(first_batch, grad_norm, skipped_total)
-        )
+        return StepOutput(step=self.step, loss=step_loss, metrics=self._metrics(first_batch, grad_norm, skipped_total))
 
     def _stage0_grad_norm(self) -> float:
         # Without ZeRO, DeepSpeed does not keep the norm; grads are already averaged at this point.
@@ -352,9 +348,7 @@ class TrainEngine:
     ) -> str:
         """Save tag `step<N>` and publish it as `latest`; returns the tag folder. Collective."""
         if self._failed_step is not None:
-            raise PipelineError(
-                f"refusing to save a checkpoint after the non-finite loss at step {self._failed_step}"
-            )
+            raise PipelineError(f"refusing to save a checkpoint after the non-finite loss at step {self._failed_step}")
         clash = _RESERVED_STATE & set(extra or {})
         if clash:
             raise PipelineError(f"checkpoint extra state uses reserved keys {sorted(clash)}")
@@ -429,6 +423,7 @@ class TrainEngine:
         names = list(module.state_dict().keys())  # ZeRO-3 gives empty param tensors, but the right names
         params = dict(module.named_parameters())
         buffers = dict(module.named_buffers())
+        masters = self._stage0_bf16_masters()
         out: dict[str, torch.Tensor] = {}
         for name in names:
             if name in params:
@@ -439,7 +434,7 @@ class TrainEngine:
                         with deepspeed.zero.GatheredParameters([p]):
                             full = p.detach().clone()
                     else:
-                        full = p.detach()
+                        full = masters.get(id(p), p).detach()
                 tensor = full.reshape(p.ds_shape if hasattr(p, "ds_shape") else p.shape)
             else:
                 tensor = buffers[name].detach()
@@ -451,6 +446,15 @@ class TrainEngine:
             if not out:
                 raise PipelineError(f"export: no state_dict keys under prefix {prefix!r}")
         return out
+
+    def _stage0_bf16_masters(self) -> dict[int, torch.Tensor]:
+        """ZeRO-0 + bf16: DeepSpeed's unfused mixed-precision optimizer keeps the fp32 master copies in
+        `fp32_groups`, parallel to the module parameters in `fp16_groups`, without the `_hp_mapping`
+        that `safe_get_full_fp32_param` reads. Map parameter id -> master (empty in every other mode)."""
+        low, high = (getattr(self.ds.optimizer, name, None) for name in ("fp16_groups", "fp32_groups"))
+        if not (self.zero_stage == 0 and low and high):
+            return {}
+        return {id(p): m for lo, hi in zip(low, high, strict=True) for p, m in zip(lo, hi, strict=True)}
 
     def export(
         self,
@@ -492,16 +496,12 @@ def build_engine(
     World size, rank and backend come from the process group (see init_distributed).
     """
     if steps_per_epoch < 1:
-        raise PipelineError(
-            f"steps_per_epoch must be >= 1 (got {steps_per_epoch}): is the training set empty?"
-        )
+        raise PipelineError(f"steps_per_epoch must be >= 1 (got {steps_per_epoch}): is the training set empty?")
     rank, world_size, local_rank = init_distributed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO dumps the whole config per rank
     config = deepspeed_config(ds, loop, world_size)
     lr = resolve_lr(optim, config["train_batch_size"])
-    length = schedule_length(
-        optim, epochs=loop.epochs, steps_per_epoch=steps_per_epoch, max_steps=loop.max_steps
-    )
+    length = schedule_length(optim, epochs=loop.epochs, steps_per_epoch=steps_per_epoch, max_steps=loop.max_steps)
     if config["bf16"]["enabled"]:
         # DeepSpeed casts the module to bf16 itself under ZeRO 0-2, but under ZeRO-3 only the parameters,
         # leaving BN buffers fp32 (BatchNorm then fails on bf16 inputs). Cast everything up front, in

@@ -162,10 +162,11 @@ def main() -> None:
         missing, unexpected = fresh.load_state_dict(sd, strict=True)
         res["export_config"] = config
         res["export_equals_engine"] = same(sd, fresh.state_dict()) and same(sd, u_params)
-        zero_sd = get_fp32_state_dict_from_zero_checkpoint(rank_dir("ckpt_u"))
-        res["export_equals_zero_to_fp32"] = same(
-            {k: v.float() if v.is_floating_point() else v for k, v in zero_sd.items()}, sd
-        )
+        if args.zero > 0:  # DeepSpeed's consolidation tool only reads ZeRO checkpoints
+            zero_sd = get_fp32_state_dict_from_zero_checkpoint(rank_dir("ckpt_u"))
+            res["export_equals_zero_to_fp32"] = same(
+                {k: v.float() if v.is_floating_point() else v for k, v in zero_sd.items()}, sd
+            )
         res["export_dtypes"] = sorted({str(v.dtype) for v in sd.values()})
 
     # ---- R: resume U's step-RESUME_AT tag into a differently initialised engine

@@ -60,9 +60,11 @@ def launch(out: Path, *args: str, nproc: int = 2, timeout: int = 300) -> list[di
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-@pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda z: f"zero{z}")
+@pytest.fixture(scope="module", params=[pytest.param(0, marks=pytest.mark.slow), 1, 2, 3], ids=lambda z: f"zero{z}")
 def run(request, tmp_path_factory):
-    """One 2-process launch of _dist_train.py per ZeRO stage (ZeRO-2 also uses layer-wise lr decay)."""
+    """One 2-process launch of _dist_train.py per ZeRO stage (ZeRO-2 also uses layer-wise lr decay).
+
+    ZeRO 1-3 are the default suite; ZeRO-0 (plain data parallel) runs with `make test-slow`."""
     zero = request.param
     out = tmp_path_factory.mktemp(f"engine_zero{zero}")
     args = ["--zero", str(zero)] + (["--layer-decay", "0.75"] if zero == 2 else [])

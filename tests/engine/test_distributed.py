@@ -93,7 +93,9 @@ def test_layer_decay_groups(run):
 
 def test_export_reloads_bit_exactly(run):
     r0, r1 = run["ranks"]
-    assert r0["export_equals_engine"] and r0["export_equals_zero_to_fp32"]
+    assert r0["export_equals_engine"]
+    if run["zero"] > 0:  # DeepSpeed's own consolidation of the ZeRO checkpoint gives the same tensors
+        assert r0["export_equals_zero_to_fp32"]
     assert r0["export_dtypes"] == ["torch.float32", "torch.int64"]  # fp32 floats, BN counters stay int
     url = str(run["out"] / "export_u")
     assert r0["digest"] == r1["digest"] == export_digest(url)
