@@ -76,9 +76,7 @@ def prune_tags(ckpt_dir: str | os.PathLike, keep_last: int, latest: str) -> list
     """
     latest_step = step_of_tag(latest)
     tags = sorted(
-        (step, p.name)
-        for p in Path(ckpt_dir).iterdir()
-        if p.is_dir() and (step := step_of_tag(p.name)) is not None
+        (step, p.name) for p in Path(ckpt_dir).iterdir() if p.is_dir() and (step := step_of_tag(p.name)) is not None
     )
     eligible = [name for step, name in tags if latest_step is None or step <= latest_step]
     keep = set(eligible[-keep_last:]) | {latest}

@@ -15,13 +15,13 @@ Decisions
   CPUs without AMX/AVX512-BF16 is emulated and slow). In bf16 mode floating inputs are cast to bf16
   before the loss function sees them (DeepSpeed keeps the module's weights in bf16).
 - DeepSpeed's CPU shared-memory comm op (`deepspeed_shm_comm`) is switched OFF on CPU: DeepSpeed
-  would JIT-compile it with g++ on the first init of every fresh machine (~70 s on 2 cores, and a
-  hard error where no compiler exists). gloo then carries all collectives, which at our CPU scale
-  (2 ranks, small tensors) costs nothing measurable. The switch is the op-compatibility table that
+  would JIT-compile it with g++ on the first init of every fresh machine (measured here on 2 busy
+  cores: build_engine took 109 s with the op, 3.3 s without), and fail where no compiler exists.
+  gloo then carries all collectives; at CPU scale (few ranks, small models) that is cheap next to
+  compute (not benchmarked against the shm op). The switch is the op-compatibility table that
   `deepspeed/comm/torch.py:build_shm_op` consults (`deepspeed.ops.__compatible_ops__`, probed
   lazily in 0.19); a test runs with CXX=/nonexistent and an empty TORCH_EXTENSIONS_DIR and checks
-  nothing is built. Set PIPELINE_DS_SHM_COMM=1 to keep the op (e.g. after a
-  `DS_BUILD_SHM_COMM=1` pre-built install on a big CPU box).
+  nothing is built. PIPELINE_DS_SHM_COMM=1 keeps the op (e.g. after a DS_BUILD_SHM_COMM=1 install).
 - Optimizer: torch AdamW as a client optimizer over timm param groups (pipeline.optim); DeepSpeed's
   fused/CPU Adam would compile C++ first. The timm cosine schedule is stepped by the engine once
   per optimizer step (never per micro-step) and its state travels in the checkpoint's client_state.

@@ -42,9 +42,7 @@ def _fp32_cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor):
-            raise PipelineError(
-                f"export: state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor"
-            )
+            raise PipelineError(f"export: state_dict entry {name!r} is a {type(tensor).__name__}, not a tensor")
         t = tensor.detach().to("cpu")
         if t.is_floating_point():
             t = t.to(torch.float32)

@@ -35,9 +35,7 @@ class IntervalMeter:
         self._loss_sum = 0.0
         self._aux: dict[str, list[float]] = {}
 
-    def add(
-        self, *, loss: float, images: float, compute_s: float, aux: dict[str, float] | None = None
-    ) -> None:
+    def add(self, *, loss: float, images: float, compute_s: float, aux: dict[str, float] | None = None) -> None:
         self._steps += 1
         self._images += images
         self._compute_s += compute_s
