@@ -7,6 +7,8 @@
 section (hardware, exact command, table) to docs/BENCHMARKS.md unless --no-record.
 CPU peak memory is the process's peak RSS (it includes the Python/torch runtime); CUDA peak memory is
 torch.cuda.max_memory_allocated. One variant per run, so the process peak belongs to it.
+images/CPU-s divides by the process CPU time (all threads): on a machine shared with other jobs it
+is the steadier number; with N threads it is about images/s / N when the threads are busy.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def hardware(device: torch.device) -> str:
                    if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return f"{cpu}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -69,27 +71,30 @@ def measure(name: str, T: int | None, img: int | None, batch: int, steps: int, w
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "variant": name, "T": model.T, "img": size, "batch": batch, "steps": steps,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
         "images_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+        "images_per_cpu_s": batch * steps / cpu_seconds,
         "peak_mib": peak_memory_mib(device),
     }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | params (M) | T | img | batch | steps | s/step | images/s | peak memory (MiB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | params (M) | T | img | batch | steps | s/step | images/s | images/CPU-s | peak memory (MiB) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['params_m']:.2f} | {r['T']} | {r['img']} | {r['batch']} | {r['steps']} | "
-            f"{r['s_per_step']:.3f} | {r['images_per_s']:.2f} | {r['peak_mib']:.0f} |"
+            f"{r['s_per_step']:.3f} | {r['images_per_s']:.2f} | {r['images_per_cpu_s']:.2f} | {r['peak_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -102,7 +107,8 @@ def record(rows: list[dict], device: torch.device, note: str) -> None:
         f"- hardware: {hardware(device)}; load average at the end: {load}",
         f"- command: `{command}`",
         "- forward + backward (cross-entropy on random labels), train mode; peak memory: "
-        + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"),
+        + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS")
+        + "; images/CPU-s: per second of process CPU time (all threads)",
     ]
     if note:
         section.append(f"- note: {note}")

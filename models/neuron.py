@@ -50,8 +50,22 @@ def spike(x: torch.Tensor, alpha: float = 4.0) -> torch.Tensor:
     return SigmoidSurrogateSpike.apply(x, alpha)
 
 
+def _charge(v: torch.Tensor | None, x_t: torch.Tensor, tau: float, v_reset: float | None) -> torch.Tensor:
+    """H[t]; ``v=None`` is the initial state V = V_reset (0 for a soft reset), where H = V_reset + X / tau."""
+    rest = 0.0 if v_reset is None else v_reset
+    if v is None:
+        return x_t / tau + rest if rest else x_t / tau
+    return v + (x_t - (v - rest)) / tau
+
+
+def _reset(h: torch.Tensor, s: torch.Tensor, v_threshold: float, v_reset: float | None) -> torch.Tensor:
+    if v_reset is None:
+        return h - v_threshold * s
+    return h * (1.0 - s) + v_reset * s
+
+
 def lif_step(
-    v: torch.Tensor,
+    v: torch.Tensor | None,
     x_t: torch.Tensor,
     tau: float,
     v_threshold: float,
@@ -59,15 +73,10 @@ def lif_step(
     alpha: float,
     detach_reset: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One time step: returns (spike S[t], charged potential H[t], membrane after reset V[t])."""
-    h = v + (x_t - (v - (0.0 if v_reset is None else v_reset))) / tau
+    """One time step from membrane ``v`` (None: resting): returns (spike S[t], charge H[t], V[t])."""
+    h = _charge(v, x_t, tau, v_reset)
     s = spike(h - v_threshold, alpha)
-    s_reset = s.detach() if detach_reset else s
-    if v_reset is None:
-        v_next = h - v_threshold * s_reset
-    else:
-        v_next = h * (1.0 - s_reset) + v_reset * s_reset
-    return s, h, v_next
+    return s, h, _reset(h, s.detach() if detach_reset else s, v_threshold, v_reset)
 
 
 def lif_multistep_reference(
@@ -78,11 +87,17 @@ def lif_multistep_reference(
     alpha: float,
     detach_reset: bool,
 ) -> torch.Tensor:
-    """Pure PyTorch LIF over the leading time dimension of ``x`` ([T, B, ...]); returns spikes."""
-    v = torch.zeros_like(x[0]) if v_reset is None else torch.full_like(x[0], v_reset)
+    """Pure PyTorch LIF over the leading time dimension of ``x`` ([T, B, ...]); returns spikes.
+
+    The resting first step and the unused reset after the last step are skipped (T=1 costs 3 ops).
+    """
+    v = None
     spikes = []
-    for x_t in x:
-        s, _, v = lif_step(v, x_t, tau, v_threshold, v_reset, alpha, detach_reset)
+    for t, x_t in enumerate(x):
+        h = _charge(v, x_t, tau, v_reset)
+        s = spike(h - v_threshold, alpha)
+        if t + 1 < x.shape[0]:
+            v = _reset(h, s.detach() if detach_reset else s, v_threshold, v_reset)
         spikes.append(s)
     return torch.stack(spikes)
 
