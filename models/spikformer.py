@@ -23,7 +23,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.drop import drop_path as _timm_drop_path
 from timm.models import register_model
@@ -245,7 +244,8 @@ class SCS(SPS):
     16-768 -> 123.109 + 49.117 = 172.23M (paper 172M, +0.13%). The wide layers sit at the coarsest
     grid where a 3x3 conv is cheapest. Each layer is residual (x + LIF(BN(conv(x))), the SEW-style
     ADD used by the blocks and the RPE) so the 15-conv-deep stem keeps an identity path for the
-    surrogate gradients; ``residual=False`` gives a plain stack.
+    surrogate gradients; ``residual=False`` gives a plain stack. Cost: at 224 px the layers add
+    4.62 GMACs per image and time step to the 8-512 model (8.36 -> 12.98 GMACs).
     """
 
     def __init__(
@@ -553,11 +553,6 @@ class Spikformer(nn.Module):
             self._init_weights(self.head)
         else:
             self.head = nn.Identity()
-
-
-def token_mask_to_pixels(active: torch.Tensor, stride: int) -> torch.Tensor:
-    """Nearest-upsample a [B, 1, h, w] token mask to pixels [B, 1, h*stride, w*stride]."""
-    return F.interpolate(active.float(), scale_factor=stride, mode="nearest").bool()
 
 
 # --------------------------------------------------------------------------------------------------
