@@ -1,0 +1,138 @@
+"""End to end through `ray job submit`: the quickstart job, scaled down, on a real Ray head.
+
+One submitted run proves three things at once, to keep the suite short:
+- the job succeeds and MLflow holds evaluate -> finetune -> pretrain -> dataset manifest;
+- a finetune worker killed at step 3 (test hook) is restarted by Ray Train and the stage resumes
+  from its last checkpoint: the step counter continues and each final metric is logged once;
+then two more runs of the same spec prove stage caching.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.data.manifest import load_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.timeout(1500)
+
+KILL_STEP, CKPT_EVERY, FT_STEPS = 3, 2, 6
+
+
+def overrides(tmp: str) -> list[str]:
+    sets = [
+        f"output_root={tmp}/out",
+        f"mlflow.tracking_uri=sqlite:///{tmp}/mlflow.db",
+        "stages.pretrain.max_steps=4",
+        "stages.pretrain.log_every_steps=2",
+        f"stages.finetune.max_steps={FT_STEPS}",
+        "stages.finetune.log_every_steps=1",
+        f"stages.finetune.checkpoint.every_steps={CKPT_EVERY}",
+        "stages.finetune.batch_size=32",
+        "stages.pretrain.batch_size=32",
+    ]
+    return [word for s in sets for word in ("--set", s)]
+
+
+def fault_overrides() -> list[str]:
+    sets = ["test_hooks.kill_stage=finetune", "test_hooks.kill_rank=1", f"test_hooks.kill_at_step={KILL_STEP}"]
+    return [word for s in sets for word in ("--set", s)]
+
+
+def run_cli(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "python"), "-m", "pipeline", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, tmp_path_factory):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    _, dashboard, env = ray_head
+    tmp = str(tmp_path_factory.mktemp("rayjob"))
+    entry = ["python", "-m", "pipeline", "run", "jobs/quickstart.yaml", *overrides(tmp), *fault_overrides()]
+    submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--no-wait",
+                             "--working-dir", ".", "--", *entry],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
+    client = JobSubmissionClient(dashboard)
+    deadline = time.time() + 1200
+    status = client.get_job_status(job_id)
+    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
+        time.sleep(5)
+        status = client.get_job_status(job_id)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-6000:]
+    return tmp, logs
+
+
+def runs_by_stage(tmp: str) -> dict[str, list]:
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    experiment = client.get_experiment_by_name("spikformer-quickstart")
+    by_stage: dict[str, list] = {}
+    for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
+        by_stage.setdefault(run.data.tags.get("pipeline.stage", "job"), []).append(run)
+    return by_stage
+
+
+def test_job_succeeds_and_mlflow_holds_the_lineage_chain(submitted):
+    tmp, logs = submitted
+    assert "top-1 accuracy" in logs and "mlflow ui --backend-store-uri" in logs
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    evaluate = runs_by_stage(tmp)["evaluate"][-1]
+    from pipeline.lineage import walk
+    from pipeline.tracking import STAGE_TAG
+
+    chain = walk(client, evaluate.info.run_id, STAGE_TAG)
+    assert [link.stage for link in chain] == ["evaluate", "finetune", "pretrain"]
+    train_manifest = load_manifest(f"{tmp}/out/shards/train.manifest.json")
+    assert chain[-1].dataset_digest == train_manifest.digest
+    assert chain[-1].dataset_url.endswith("train.manifest.json")
+    assert evaluate.data.metrics["n_samples"] == load_manifest(f"{tmp}/out/shards/val.manifest.json").num_samples
+    finetune = client.get_run(chain[1].run_id)
+    assert finetune.data.tags["pipeline.registered_model"].startswith("spikformer-v2-digits/")
+    assert finetune.info.status == "FINISHED"
+
+
+def test_killed_worker_resumes_from_checkpoint_without_restarting_the_step_counter(submitted):
+    tmp, logs = submitted
+    fired = [name for name in os.listdir(f"{tmp}/out/ray") if name.endswith(".fault-fired")]
+    assert fired, "the fault hook never fired"
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    finetune = runs_by_stage(tmp)["finetune"][-1]
+    steps = [m.step for m in client.get_metric_history(finetune.info.run_id, "loss")]
+    # before the kill: 1..KILL_STEP at most; after the restart: from the last checkpoint onwards
+    assert steps.count(1) == 1, f"step counter restarted from 0: {steps}"
+    assert max(steps) == FT_STEPS and set(range(1, FT_STEPS + 1)) <= set(steps), steps
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] == CKPT_EVERY * (KILL_STEP // CKPT_EVERY) + 1, steps
+    for key in ("final_loss", "steps"):
+        assert len(client.get_metric_history(finetune.info.run_id, key)) == 1, key
+    assert finetune.data.metrics["steps"] == FT_STEPS
+
+
+def test_rerun_skips_every_stage_and_a_finetune_change_reruns_only_downstream(submitted, ray_head):
+    tmp, _ = submitted
+    gcs, _, env = ray_head
+    env = {**env, "RAY_ADDRESS": gcs}
+    again = run_cli(["run", "jobs/quickstart.yaml", *overrides(tmp)], env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    for stage in ("pretrain", "finetune", "evaluate"):
+        assert any(line.split()[:2] == [stage, "reused"] for line in again.stdout.splitlines()), again.stdout
+
+    changed = run_cli(["run", "jobs/quickstart.yaml", *overrides(tmp), "--set", "stages.finetune.label_smoothing=0.2"],
+                      env)
+    assert changed.returncode == 0, changed.stderr[-4000:]
+    states = {line.split()[0]: line.split()[1] for line in changed.stdout.splitlines()
+              if line.split()[:1] in (["pretrain"], ["finetune"], ["evaluate"])}
+    assert states == {"pretrain": "reused", "finetune": "ran", "evaluate": "ran"}, changed.stdout
