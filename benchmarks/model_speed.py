@@ -39,8 +39,7 @@ def hardware(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                   if line.startswith("Model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         cpu = platform.processor() or "unknown CPU"
     return f"{cpu}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
@@ -52,8 +51,9 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure(name: str, T: int | None, img: int | None, batch: int, steps: int, warmup: int,
-            device: torch.device) -> dict:
+def measure(
+    name: str, T: int | None, img: int | None, batch: int, steps: int, warmup: int, device: torch.device
+) -> dict:
     overrides = {k: v for k, v in (("T", T), ("img_size", img)) if v is not None}
     model = models.create(name, **overrides).to(device).train()
     size = model.img_size
@@ -78,9 +78,14 @@ def measure(name: str, T: int | None, img: int | None, batch: int, steps: int, w
         torch.cuda.synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
-        "variant": name, "T": model.T, "img": size, "batch": batch, "steps": steps,
+        "variant": name,
+        "T": model.T,
+        "img": size,
+        "batch": batch,
+        "steps": steps,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "images_per_s": batch * steps / seconds, "s_per_step": seconds / steps,
+        "images_per_s": batch * steps / seconds,
+        "s_per_step": seconds / steps,
         "images_per_cpu_s": batch * steps / cpu_seconds,
         "peak_mib": peak_memory_mib(device),
     }

@@ -81,14 +81,14 @@ def load_spikformer_v1_checkpoint(
     (a KeyError and a ValueError) naming every missing/unexpected key and mismatched shape.
     """
     patterns = [re.compile(p) for p in ignore]
-    state = {k: v for k, v in read_v1_state_dict(path_or_state_dict).items()
-             if not any(p.search(k) for p in patterns)}
+    state = {k: v for k, v in read_v1_state_dict(path_or_state_dict).items() if not any(p.search(k) for p in patterns)}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in state and not any(p.search(k) for p in patterns))
     unexpected = sorted(k for k in state if k not in own)
     shapes = sorted(
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items() if k in own and v.shape != own[k].shape
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
     )
     problems = []
     if unexpected:

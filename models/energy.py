@@ -67,9 +67,14 @@ class EnergyReport:
 
     def to_dict(self) -> dict:
         return {
-            "T": self.T, "images": self.images, "total_flops": self.total_flops,
-            "total_sops": self.total_sops, "total_pj": self.total_pj, "total_mj": self.total_mj,
-            "rows": [asdict(r) for r in self.rows], "firing_rates": dict(self.firing_rates),
+            "T": self.T,
+            "images": self.images,
+            "total_flops": self.total_flops,
+            "total_sops": self.total_sops,
+            "total_pj": self.total_pj,
+            "total_mj": self.total_mj,
+            "rows": [asdict(r) for r in self.rows],
+            "firing_rates": dict(self.firing_rates),
         }
 
     def to_markdown(self) -> str:
@@ -204,12 +209,14 @@ class EnergyMeter:
             rows_per_image = e["rows"] / self.images
             mac = name in self.mac_layers
             if mac:
-                rows.append(EnergyRow(name, e["kind"], True, None, e["flops"], 0.0,
-                                      E_MAC_PJ * e["flops"] * rows_per_image))
+                rows.append(
+                    EnergyRow(name, e["kind"], True, None, e["flops"], 0.0, E_MAC_PJ * e["flops"] * rows_per_image)
+                )
             else:
                 sops = e["sops"] / self.images
-                rows.append(EnergyRow(name, e["kind"], False, e["in_sum"] / e["in_numel"], e["flops"], sops,
-                                      E_AC_PJ * sops))
+                rows.append(
+                    EnergyRow(name, e["kind"], False, e["in_sum"] / e["in_numel"], e["flops"], sops, E_AC_PJ * sops)
+                )
         return EnergyReport(rows, self.firing_rates(), int(getattr(self.model, "T", 1)), self.images)
 
 
@@ -277,9 +284,7 @@ class FiringRateProbe:
 
 
 @torch.no_grad()
-def count_flops(
-    model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None
-) -> dict[str, int]:
+def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int | None = None) -> dict[str, int]:
     """Dense MACs per image per time step for every conv, linear and attention product.
 
     Runs one T=1 forward on a batch of one zero image on the model's device; a model built on the

@@ -156,9 +156,7 @@ class MultiStepLIF(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return lif_multistep(
-            x, self.tau, self.v_threshold, self.v_reset, self.alpha, self.detach_reset, self.backend
-        )
+        return lif_multistep(x, self.tau, self.v_threshold, self.v_reset, self.alpha, self.detach_reset, self.backend)
 
     def extra_repr(self) -> str:
         return (

@@ -176,9 +176,7 @@ class SPS(nn.Module):
 
     num_stages = 4
 
-    def __init__(
-        self, in_chans: int = 3, embed_dim: int = 512, pools: int = 4, lif_kwargs: dict | None = None
-    ) -> None:
+    def __init__(self, in_chans: int = 3, embed_dim: int = 512, pools: int = 4, lif_kwargs: dict | None = None) -> None:
         super().__init__()
         if embed_dim % 8:
             raise ValueError(f"embed_dim must be divisible by 8 (stem widths D/8..D), got {embed_dim}")
@@ -205,8 +203,12 @@ class SPS(nn.Module):
     def _stage(self, k: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
         suffix = "" if k == 0 else str(k)
         pool = getattr(self, f"maxpool{suffix}") if self.pooled[k] else None
-        return (getattr(self, f"proj_conv{suffix}"), getattr(self, f"proj_bn{suffix}"),
-                getattr(self, f"proj_lif{suffix}"), pool)
+        return (
+            getattr(self, f"proj_conv{suffix}"),
+            getattr(self, f"proj_bn{suffix}"),
+            getattr(self, f"proj_lif{suffix}"),
+            pool,
+        )
 
     def extra_units(self, k: int) -> Sequence[SpikingConvUnit]:
         """Supplementary layers after stage k (none in V1)."""
@@ -443,8 +445,7 @@ class Spikformer(nn.Module):
         self.patch_stride = self.patch_embed.stride
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.block = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, rate, attn_scale, attn_v_threshold, lif_kwargs)
-            for rate in rates
+            Block(embed_dim, num_heads, mlp_ratio, rate, attn_scale, attn_v_threshold, lif_kwargs) for rate in rates
         )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
@@ -489,14 +490,11 @@ class Spikformer(nn.Module):
     def _check_active(self, active: torch.Tensor, x: torch.Tensor) -> None:
         batch, height, width = x.shape[1], x.shape[-2], x.shape[-1]
         if height % self.patch_stride or width % self.patch_stride:
-            raise ValueError(
-                f"masked input {height}x{width} must be divisible by the stride {self.patch_stride}"
-            )
+            raise ValueError(f"masked input {height}x{width} must be divisible by the stride {self.patch_stride}")
         grid = (height // self.patch_stride, width // self.patch_stride)
         if active.dtype != torch.bool or tuple(active.shape) != (batch, 1, *grid):
             raise ValueError(
-                f"active must be a bool tensor of shape {(batch, 1, *grid)}, "
-                f"got {active.dtype} {tuple(active.shape)}"
+                f"active must be a bool tensor of shape {(batch, 1, *grid)}, got {active.dtype} {tuple(active.shape)}"
             )
 
     def forward_tokens(self, x: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
@@ -573,8 +571,17 @@ VARIANTS: dict[str, tuple[dict, float | None]] = {
     "spikformer_v2_16_768": ({"depth": 16, "embed_dim": 768, "num_heads": 12, "stem": "scs", "T": 1}, 172.0),
     # 32 px, 10 classes, stride 4 -> 8x8 tokens, head dim 16: trains on 2 CPU cores in minutes.
     "spikformer_v2_tiny": (
-        {"depth": 2, "embed_dim": 64, "num_heads": 4, "stem": "scs", "stem_pools": 2, "T": 1,
-         "img_size": 32, "num_classes": 10, "scs_extra_convs": (0, 0, 0, 1)},
+        {
+            "depth": 2,
+            "embed_dim": 64,
+            "num_heads": 4,
+            "stem": "scs",
+            "stem_pools": 2,
+            "T": 1,
+            "img_size": 32,
+            "num_classes": 10,
+            "scs_extra_convs": (0, 0, 0, 1),
+        },
         None,
     ),
 }

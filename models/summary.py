@@ -24,18 +24,26 @@ def summary_rows() -> list[dict]:
     for name, (_, paper) in VARIANTS.items():
         model = build_meta(name)
         h, w = model.grid_size()
-        rows.append({
-            "variant": name, "depth": model.depth, "width": model.embed_dim, "heads": model.num_heads,
-            "stem": model.stem_type.upper(), "params_m": count_params(model) / 1e6, "paper_m": paper,
-            "T": model.T, "img_size": model.img_size, "tokens": h * w,
-        })
+        rows.append(
+            {
+                "variant": name,
+                "depth": model.depth,
+                "width": model.embed_dim,
+                "heads": model.num_heads,
+                "stem": model.stem_type.upper(),
+                "params_m": count_params(model) / 1e6,
+                "paper_m": paper,
+                "T": model.T,
+                "img_size": model.img_size,
+                "tokens": h * w,
+            }
+        )
     return rows
 
 
 def markdown_table() -> str:
     lines = [
-        "| variant | depth | width | heads | stem | params (M) | paper params (M) | default T "
-        "| tokens (img px) |",
+        "| variant | depth | width | heads | stem | params (M) | paper params (M) | default T | tokens (img px) |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for r in summary_rows():

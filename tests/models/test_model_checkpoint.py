@@ -17,8 +17,15 @@ def official_v1_shapes(depth: int, dim: int, classes: int, in_chans: int = 3) ->
     shapes: dict[str, tuple] = {}
 
     def bn(prefix, c):
-        shapes.update({f"{prefix}.weight": (c,), f"{prefix}.bias": (c,), f"{prefix}.running_mean": (c,),
-                       f"{prefix}.running_var": (c,), f"{prefix}.num_batches_tracked": ()})
+        shapes.update(
+            {
+                f"{prefix}.weight": (c,),
+                f"{prefix}.bias": (c,),
+                f"{prefix}.running_mean": (c,),
+                f"{prefix}.running_var": (c,),
+                f"{prefix}.num_batches_tracked": (),
+            }
+        )
 
     prev = in_chans
     for k, width in enumerate((dim // 8, dim // 4, dim // 2, dim)):
@@ -93,8 +100,18 @@ def test_bare_state_dict_loads():
 def test_timm_train_checkpoint_file_with_module_prefix_loads(tmp_path):
     state = official_state_dict(prefix="module.")
     path = tmp_path / "checkpoint-309.pth.tar"
-    torch.save({"epoch": 309, "arch": "spikformer", "state_dict": state, "optimizer": {"state": {}},
-                "version": 2, "args": argparse.Namespace(lr=5e-4, model="spikformer"), "metric": 73.38}, path)
+    torch.save(
+        {
+            "epoch": 309,
+            "arch": "spikformer",
+            "state_dict": state,
+            "optimizer": {"state": {}},
+            "version": 2,
+            "args": argparse.Namespace(lr=5e-4, model="spikformer"),
+            "metric": 73.38,
+        },
+        path,
+    )
     model = small_v1()
     load_spikformer_v1_checkpoint(model, path)
     assert_loaded(model, state)

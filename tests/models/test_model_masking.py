@@ -23,8 +23,17 @@ def make_model(stem: str = "scs", train: bool = True) -> Spikformer:
     the network fires (with the initial running stats an untrained net is silent in eval mode).
     """
     torch.manual_seed(0)
-    model = Spikformer(img_size=32, embed_dim=32, depth=2, num_heads=2, T=2, stem=stem, stem_pools=2,
-                       scs_extra_convs=(0, 1, 0, 2), num_classes=5).double()
+    model = Spikformer(
+        img_size=32,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        T=2,
+        stem=stem,
+        stem_pools=2,
+        scs_extra_convs=(0, 1, 0, 2),
+        num_classes=5,
+    ).double()
     if not train:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -144,9 +153,7 @@ def test_masked_batchnorm_uses_visible_statistics(cls, shape):
     assert x.grad.masked_select(~keep.expand_as(x)).abs().sum() == 0  # masked inputs get no gradient
     # eval: running stats, masked positions zero
     bn.eval()
-    ref = nn.functional.batch_norm(
-        x.detach(), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps
-    )
+    ref = nn.functional.batch_norm(x.detach(), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
     torch.testing.assert_close(bn(x.detach(), keep), ref.masked_fill(~keep, 0.0))
     # state_dict names stay those of the parent BatchNorm
     assert set(bn.state_dict()) == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}

@@ -16,9 +16,16 @@ from models.summary import build_meta, count_params, markdown_table
 
 V1_NAMES = [n for n in VARIANTS if n.startswith("spikformer_v1_")]
 EXPECTED_NAMES = [
-    "spikformer_v1_8_384", "spikformer_v1_6_512", "spikformer_v1_8_512", "spikformer_v1_10_512",
-    "spikformer_v1_8_768", "spikformer_v2_8_384", "spikformer_v2_8_512", "spikformer_v2_8_768",
-    "spikformer_v2_16_768", "spikformer_v2_tiny",
+    "spikformer_v1_8_384",
+    "spikformer_v1_6_512",
+    "spikformer_v1_8_512",
+    "spikformer_v1_10_512",
+    "spikformer_v1_8_768",
+    "spikformer_v2_8_384",
+    "spikformer_v2_8_512",
+    "spikformer_v2_8_768",
+    "spikformer_v2_16_768",
+    "spikformer_v2_tiny",
 ]
 
 
@@ -159,9 +166,7 @@ def test_ssa_equals_softmax_free_attention_in_official_order():
     attn = model.block[0].attn
     seen = {}
     for key in ("q_lif", "k_lif", "v_lif", "attn_lif"):
-        getattr(attn, key).register_forward_hook(
-            lambda m, i, o, key=key: seen.__setitem__(key, (i[0], o))
-        )
+        getattr(attn, key).register_forward_hook(lambda m, i, o, key=key: seen.__setitem__(key, (i[0], o)))
     model.forward_tokens(torch.randn(2, 3, 32, 32, dtype=torch.float64))
     T, B, C, N = seen["q_lif"][1].shape
     heads = attn.num_heads
