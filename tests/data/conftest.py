@@ -6,7 +6,6 @@ Everything is small (tens of images, 1.4k digits) so the whole folder runs in a 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,8 +65,7 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
 
     started = False
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         started = True
     yield
     if started:
