@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,9 @@ class StageContext:
     log_artifact: Callable[[str, str | None], None] = _ignore  # (local path, artifact sub-folder)
     fault_step: int | None = None  # test hook: this rank kills its own process at this step, once
     fault_marker: str | None = None  # file whose existence says the fault already happened
+    # Ray Train collects reports when it polls workers (every 2 s), so a crash right after a report
+    # would also lose that report; the Ray launcher waits this long before the injected crash.
+    fault_delay_s: float = 0.0
 
     @property
     def is_main(self) -> bool:
@@ -67,5 +71,6 @@ class StageContext:
         with open(self.fault_marker, "w") as marker:
             marker.write(f"killed rank {self.rank} at step {step}\n")
         logger.warning("test hook: killing rank %d at step %d", self.rank, step)
+        time.sleep(self.fault_delay_s)
         os._exit(17)  # a hard crash, as a lost node would look: no cleanup, no exception handling
 

@@ -149,6 +149,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
 
     artifacts: dict[str, str] = {}
     if rank == 0:
+        # rank 0 always has samples: the stream deals shards from rank 0 on, and padding only fills up
         energy = measure_energy(model, [b.to(device) for b in energy_images])
         metrics.update(energy_pj_per_image=energy.total_pj, energy_mj_per_image=energy.total_mj,
                        sops_per_image=energy.total_sops,

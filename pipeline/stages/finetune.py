@@ -64,8 +64,8 @@ _LISTED = 8  # keys named per category in a mismatch error
 
 
 def build_classifier(job: JobConfig, settings: FinetuneSettings) -> torch.nn.Module:
-    return timm.create_model(job.model.variant, drop_path_rate=settings.drop_path,
-                             **model_kwargs(job, settings.T))
+    kwargs = {**model_kwargs(job, settings.T), "drop_path_rate": settings.drop_path}
+    return timm.create_model(job.model.variant, **kwargs)
 
 
 def init_source(settings: FinetuneSettings, upstream_export: str | None) -> str | None:
@@ -230,9 +230,8 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     trainer.fit()
     trainer.save_final()
 
-    state = trainer.engine.state_dict_fp32()  # collective under ZeRO-3, so every rank calls it
-    if ema is not None:
-        state = ema.state_dict()
+    # the live weights are gathered collectively under ZeRO-3, so every rank asks for them
+    state = ema.state_dict() if ema is not None else trainer.engine.state_dict_fp32()
     export_url = join_url(ctx.output_url, EXPORT_SUBDIR)
     digest = None
     metrics = trainer.summary_metrics()

@@ -16,8 +16,9 @@ from pipeline.export import read_export
 
 PRETRAIN_STEPS, FINETUNE_STEPS = 12, 100
 # Chance is 10%; 360 validation images put chance-level runs below ~16% with overwhelming odds. The
-# recipe below reaches ~45-55%; the bar sits far above chance and well below what it reaches.
-MIN_TOP1 = 0.35
+# recipe below (no augmentation, for speed) reaches ~45-50%; the bar sits far above chance and well
+# below what it reaches.
+MIN_TOP1 = 0.30
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def chain(digits_shards, tmp_path_factory):
         "stages.pretrain.max_steps": PRETRAIN_STEPS, "stages.pretrain.checkpoint.every_steps": 100,
         "stages.finetune.max_steps": FINETUNE_STEPS, "stages.finetune.checkpoint.every_steps": 50,
         "stages.finetune.log_every_steps": 10,
+        "stages.finetune.augment.scale": [1.0, 1.0], "stages.finetune.augment.ratio": [1.0, 1.0],
     })
     launch(out, job, "pretrain,finetune,evaluate")
     return out
