@@ -54,14 +54,14 @@ def join(base: str, *names: str) -> str:
 # --------------------------------------------------------------------------- data
 
 
-def dataset_manifests(job: JobConfig, build: bool = True) -> dict[str, str]:
+def dataset_manifests(job: JobConfig, build: bool = True, workers: int | None = None) -> dict[str, str]:
     """Manifest URL per role (pretrain, train, eval); builds shards first when the job says so."""
     data = job.data
     urls: dict[str, str] = {}
     if data.build is not None:
         dest = absolute_url(data.build.dest or join(job.output_root, "shards"))
         for split in data.build.splits:
-            urls[split] = build_split(job, split, dest) if build else join(dest, f"{split}.manifest.json")
+            urls[split] = build_split(job, split, dest, workers) if build else join(dest, f"{split}.manifest.json")
     if data.train:
         urls["train"] = data.train
     if data.val:
@@ -77,8 +77,8 @@ def dataset_manifests(job: JobConfig, build: bool = True) -> dict[str, str]:
     return roles
 
 
-def build_split(job: JobConfig, split: str, dest: str) -> str:
-    """Write one split's shards as Ray tasks (idempotent: verified shards are kept)."""
+def build_split(job: JobConfig, split: str, dest: str, workers: int | None = None) -> str:
+    """Write one split's shards as Ray tasks, or in-process with workers=0 (idempotent)."""
     from pipeline.data.writer import write_shards
 
     build = job.data.build
@@ -92,6 +92,7 @@ def build_split(job: JobConfig, split: str, dest: str) -> str:
         shard_max_count=build.shard_max_count,
         shard_max_mb=build.shard_max_mb,
         seed=job.seed,
+        workers=workers,
         **build.options,
     )
     return report.manifest_url
@@ -229,16 +230,29 @@ def stage_inputs(job: JobConfig, stage: str, manifests: dict[str, str],
     )
 
 
-def run_one_stage(job, stage, tracker, job_run_id, manifests, digests, upstream, output_root, storage_path,
-                  launcher) -> StageOutcome:
+@dataclass
+class StageStart:
+    """A stage that must run: its MLflow run is open, its inputs and output location are fixed."""
+
+    stage: str
+    fingerprint: str
+    run_id: str
+    inputs: StageInputs
+    output_url: str
+    trial_name: str
+
+
+def begin_stage(job, stage, tracker, job_run_id, manifests, digests, upstream,
+                output_root) -> StageStart | StageOutcome:
+    """Fingerprint the stage; return the cached outcome, or open its MLflow run with inputs and lineage."""
     from pipeline.export import export_digest
 
     inputs, upstream_export = stage_inputs(job, stage, manifests, upstream)
     input_digests = {role: digests[role] for role in inputs.manifests}
+    from_upstream_run = upstream is not None and upstream.result.export_url == upstream_export
     if upstream_export:
         input_digests["upstream"] = (
-            upstream.result.export_digest if upstream and upstream.result.export_url == upstream_export
-            else export_digest(upstream_export)
+            upstream.result.export_digest if from_upstream_run else export_digest(upstream_export)
         )
     fingerprint = stage_fingerprint(stage, stage_settings(job, stage), input_digests)
 
@@ -259,22 +273,40 @@ def run_one_stage(job, stage, tracker, job_run_id, manifests, digests, upstream,
         primary = role != "eval" or stage == "evaluate"
         tracker.log_dataset(run_id, url, digests[role], context=role, primary=primary)
     if upstream_export:
-        upstream_run = upstream.run_id if upstream and upstream.result.export_url == upstream_export else None
-        if upstream_run:
-            tracker.set_upstream(run_id, upstream_run, upstream_export)
+        if from_upstream_run:
+            tracker.set_upstream(run_id, upstream.run_id, upstream_export)
         else:  # an export named in the spec: no run to point at, only the artifact
             tracker.set_tags(run_id, {lineage.UPSTREAM_ARTIFACT_URI: upstream_export})
-    output_url = join(output_root, f"{stage}-{fingerprint[:12]}")
-    trial = f"{job.name}-{stage}-{fingerprint[:12]}"
+    return StageStart(stage, fingerprint, run_id, inputs, output_url=join(output_root, f"{stage}-{fingerprint[:12]}"),
+                      trial_name=f"{job.name}-{stage}-{fingerprint[:12]}")
+
+
+def finish_stage(tracker, start: StageStart, result: StageResult | None, job: JobConfig) -> StageOutcome | None:
+    """Record a finished stage (result given) or mark its run FAILED (result None)."""
+    if result is None:
+        tracker.finish_run(start.run_id, "FAILED")
+        return None
     try:
-        result = launcher(job, stage, inputs, run_id=run_id, tracker=tracker, output_url=output_url,
-                          storage_path=storage_path, trial_name=trial)
-        record_result(tracker, run_id, stage, result, job)
+        record_result(tracker, start.run_id, start.stage, result, job)
     except BaseException:
-        tracker.finish_run(run_id, "FAILED")
+        tracker.finish_run(start.run_id, "FAILED")
         raise
-    tracker.finish_run(run_id, "FINISHED")
-    return StageOutcome(stage, fingerprint, run_id, result, skipped=False)
+    tracker.finish_run(start.run_id, "FINISHED")
+    return StageOutcome(start.stage, start.fingerprint, start.run_id, result, skipped=False)
+
+
+def run_one_stage(job, stage, tracker, job_run_id, manifests, digests, upstream, output_root, storage_path,
+                  launcher) -> StageOutcome:
+    start = begin_stage(job, stage, tracker, job_run_id, manifests, digests, upstream, output_root)
+    if isinstance(start, StageOutcome):
+        return start
+    try:
+        result = launcher(job, stage, start.inputs, run_id=start.run_id, tracker=tracker,
+                          output_url=start.output_url, storage_path=storage_path, trial_name=start.trial_name)
+    except BaseException:
+        finish_stage(tracker, start, None, job)
+        raise
+    return finish_stage(tracker, start, result, job)
 
 
 def record_result(tracker, run_id: str, stage: str, result: StageResult, job: JobConfig) -> None:

@@ -32,6 +32,7 @@ STAGE_FUNCTIONS = {
     "evaluate": "pipeline.stages.evaluate:run",
 }
 RESULT_FILE = "result.json"
+FAULT_DELAY_S = 5.0  # > Ray Train's 2 s health-check poll, so the last report is registered first
 
 # Environment a worker needs to reach the same MLflow store and Ray settings as the driver.
 _FORWARDED_ENV = (
@@ -104,6 +105,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         log_artifact=sink.log_artifact,
         fault_step=hooks.get("step") if hooks.get("rank") == rank else None,
         fault_marker=hooks.get("marker"),
+        fault_delay_s=FAULT_DELAY_S,
     )
     result = resolve_function(config["function"])(job, inputs, ctx)
     if rank == 0:
