@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import random
 import resource
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,22 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import append_section, hardware  # noqa: E402
 from pipeline.data.stream import build_loader  # noqa: E402
 from pipeline.data.transforms import build_transform  # noqa: E402
 from pipeline.data.writer import write_shards  # noqa: E402
-
-DOC = ROOT / "docs" / "BENCHMARKS.md"
-
-
-def hardware() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    import os
-
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def make_images(root: Path, count: int, seed: int = 0) -> None:
@@ -152,10 +138,7 @@ def record(rows: list[dict], args: argparse.Namespace, note: str) -> None:
     if note:
         section.append(f"- note: {note}")
     section += ["", table(rows), ""]
-    if not DOC.exists():
-        DOC.write_text("# Benchmarks\n")
-    with DOC.open("a") as fh:
-        fh.write("\n".join(section))
+    append_section(section)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,7 +170,6 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     if not args.no_record:
         record(rows, args, args.note)
-        print(f"appended to {DOC}")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import resource
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,19 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-
-DOC = ROOT / "docs" / "BENCHMARKS.md"
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
+from benchmarks._report import append_section, hardware  # noqa: E402
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -109,7 +95,7 @@ def record(rows: list[dict], device: torch.device, note: str) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     section = [
         f"\n## Model speed: {', '.join(r['variant'] for r in rows)} ({dt.date.today().isoformat()})\n",
-        f"- hardware: {hardware(device)}; load average at the end: {load}",
+        f"- hardware: {hardware(device.type)}; load average at the end: {load}",
         f"- command: `{command}`",
         "- forward + backward (cross-entropy on random labels), train mode; peak memory: "
         + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS")
@@ -118,10 +104,7 @@ def record(rows: list[dict], device: torch.device, note: str) -> None:
     if note:
         section.append(f"- note: {note}")
     section += ["", table(rows), ""]
-    if not DOC.exists():
-        DOC.write_text("# Benchmarks\n")
-    with DOC.open("a") as fh:
-        fh.write("\n".join(section))
+    append_section(section)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,7 +128,6 @@ def main(argv: list[str] | None = None) -> None:
     print(table(rows))
     if not args.no_record:
         record(rows, device, args.note)
-        print(f"appended to {DOC}")
 
 
 if __name__ == "__main__":
