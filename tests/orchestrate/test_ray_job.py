@@ -122,13 +122,19 @@ def test_killed_worker_resumes_from_checkpoint_without_restarting_the_step_count
 
 
 def test_rerun_skips_every_stage_and_a_finetune_change_reruns_only_downstream(submitted, ray_head):
+    from ray.job_submission import JobSubmissionClient
+
     tmp, _ = submitted
-    gcs, _, env = ray_head
-    env = {**env, "RAY_ADDRESS": gcs}
-    again = run_cli(["run", "jobs/quickstart.yaml", *overrides(tmp)], env)
-    assert again.returncode == 0, again.stderr[-4000:]
+    gcs, dashboard, env = ray_head
+    # the same job again, through `python -m pipeline submit` (the Ray job SDK): every stage is reused
+    again = run_cli(["submit", "jobs/quickstart.yaml", "--address", dashboard, "--wait", *overrides(tmp)], env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    job_id = next(line.split()[3] for line in again.stdout.splitlines() if line.startswith("submitted Ray job"))
+    logs = JobSubmissionClient(dashboard).get_job_logs(job_id)
     for stage in ("pretrain", "finetune", "evaluate"):
-        assert any(line.split()[:2] == [stage, "reused"] for line in again.stdout.splitlines()), again.stdout
+        assert any(line.split()[:2] == [stage, "reused"] for line in logs.splitlines()), logs[-3000:]
+
+    env = {**env, "RAY_ADDRESS": gcs}
 
     changed = run_cli(["run", "jobs/quickstart.yaml", *overrides(tmp), "--set", "stages.finetune.label_smoothing=0.2"],
                       env)
