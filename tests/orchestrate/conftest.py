@@ -62,17 +62,27 @@ def _stop_group(process: subprocess.Popen) -> None:
             continue
 
 
-def _wait_for_jobs_api(dashboard: str, timeout_s: float = 120) -> None:
-    """Poll with the job SDK: it sends Ray's auth token when token authentication is on."""
-    from ray.job_submission import JobSubmissionClient
+def _wait_for_jobs_api(dashboard: str, timeout_s: float = 180) -> None:
+    """Ready = a trivial job was accepted and succeeded (the dashboard answers before its job agent)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
 
     deadline = time.time() + timeout_s
     error: Exception | None = None
     while time.time() < deadline:
         try:
-            JobSubmissionClient(dashboard).list_jobs()
-            return
-        except Exception as exc:  # noqa: BLE001 - not up yet
+            client = JobSubmissionClient(dashboard)
+            job_id = client.submit_job(entrypoint="python -c 'print(1)'")
+            break
+        except Exception as exc:  # noqa: BLE001 - not up yet ("No available agent to submit job")
             error = exc
+            time.sleep(2)
+    else:
+        raise RuntimeError(f"Ray jobs API at {dashboard} not ready in {timeout_s}s: {error}")
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status == JobStatus.SUCCEEDED:
+            return
+        if status in (JobStatus.FAILED, JobStatus.STOPPED):
+            raise RuntimeError(f"trivial Ray job failed: {client.get_job_logs(job_id)[-2000:]}")
         time.sleep(1)
-    raise RuntimeError(f"Ray dashboard {dashboard} did not come up in {timeout_s}s: {error}")
+    raise RuntimeError(f"trivial Ray job did not finish in {timeout_s}s")
