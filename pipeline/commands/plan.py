@@ -1,4 +1,5 @@
-"""`python -m pipeline plan JOB.yaml`: the stage graph, fingerprints and what would be skipped."""
+"""`python -m pipeline plan JOB.yaml [--gpus N --gpu-tflops X --mfu Y]`: the stage graph, fingerprints,
+what would be skipped, and the cost table (FLOPs, GPU-hours, wall time, memory per GPU, shards)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ from pipeline.commands._job_args import add_job_arguments, load
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_job_arguments(parser)
+    parser.add_argument("--gpus", type=int, default=None, metavar="N",
+                        help="data-parallel GPUs (default: the job's scaling.num_workers)")
+    parser.add_argument("--gpu-tflops", type=float, default=None, metavar="X",
+                        help="peak dense TFLOP/s per GPU in the training precision (H100 SXM bf16: 989)")
+    parser.add_argument("--mfu", type=float, default=0.3, metavar="Y",
+                        help="assumed model FLOPs utilisation, 0-1 [0.3]")
+    parser.add_argument("--no-costs", action="store_true", help="print only the stage graph")
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import UPSTREAM, plan_job
+    from pipeline.errors import PipelineError
+    from pipeline.orchestrate import UPSTREAM, plan_job, selected_stages
 
     job, stages = load(args)
     print(f"job {job.name}: {job.model.variant}, {job.scaling.num_workers} worker(s), output {job.output_root}")
@@ -22,4 +31,15 @@ def main(args: argparse.Namespace) -> int:
         after = f" <- {UPSTREAM[planned.stage]}" if planned.stage in UPSTREAM else ""
         fingerprint = planned.fingerprint[:12] if planned.fingerprint else "-" * 12
         print(f"  {planned.stage:<10} {fingerprint}  {planned.status}{after}")
+    if args.no_costs:
+        return 0
+    from pipeline.costplan import Cluster, format_costs, plan_costs
+
+    gpus = args.gpus or job.scaling.num_workers
+    if gpus < 1 or not 0 < args.mfu <= 1 or (args.gpu_tflops is not None and args.gpu_tflops <= 0):
+        raise PipelineError("--gpus must be >= 1, --mfu in (0, 1], --gpu-tflops > 0")
+    if gpus != job.scaling.num_workers:
+        print(f"  (costs for {gpus} GPUs, as with --set scaling.num_workers={gpus}: the global batch changes)")
+    cluster = Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu)
+    print(format_costs(plan_costs(job, selected_stages(job, stages), cluster), cluster))
     return 0
