@@ -204,18 +204,23 @@ class StageTrainer:
         return True
 
     def _resume_source(self) -> tuple[str, str] | None:
-        # rank 0 decides, so all ranks load the same tag (or all start fresh)
-        found = None
+        """(folder, tag) to resume from. Rank 0 picks the tag, so all ranks load the same step (or all
+        start fresh); each rank then reads its own copy of the folder (Ray hands every rank one)."""
+        choice = None
         if self.rank == 0:
-            for folder in (self.ctx.resume_dir, self.ckpt_dir):
+            for source, folder in (("resume_dir", self.ctx.resume_dir), ("work_dir", self.ckpt_dir)):
                 if folder and os.path.isdir(folder):
                     tag = ckpt.read_latest(folder)
                     if tag is not None:
-                        found = (folder, tag)
+                        choice = (source, tag)
                         break
-                    if folder == self.ctx.resume_dir:
+                    if source == "resume_dir":
                         raise PipelineError(f"stage {self.stage}: resume folder {folder} has no 'latest' checkpoint")
-        return broadcast_from_rank0(found)
+        choice = broadcast_from_rank0(choice)
+        if choice is None:
+            return None
+        source, tag = choice
+        return (self.ctx.resume_dir if source == "resume_dir" else self.ckpt_dir), tag
 
     # ----------------------------------------------------------------- loop
 
@@ -270,6 +275,10 @@ class StageTrainer:
                  **(self.hooks.state() if self.hooks.state else {})}
         folder = self.engine.save_checkpoint(self.ckpt_dir, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
                                              extra=extra)
+        if not os.path.exists(os.path.join(self.ckpt_dir, ckpt.LATEST_FILE)):
+            # a rank-private folder (Ray gives each rank its own work_dir): the writer rank prunes only its
+            # own folder, so this rank drops its old tags itself
+            ckpt.prune_tags(self.ckpt_dir, self.settings.checkpoint.keep_last, ckpt.tag_for_step(self.engine.step))
         self.saved_step, self.saved_folder = self.engine.step, self.ckpt_dir
         return folder
 

@@ -1,4 +1,7 @@
-"""Run stages on one machine without Ray or MLflow, under torchrun:
+"""The bare stage runner: stages on one machine under torchrun, with no Ray, MLflow or stage cache.
+
+pipeline.launch_local is the full local launcher (MLflow runs, lineage, fingerprints); this one only
+writes files, which is what the stage tests and benchmarks/digits_chain.py need:
 
     torchrun --nproc_per_node 2 -m pipeline.stages.torchrun JOB.yaml \
         [--stages pretrain,finetune,evaluate] [--out DIR] [--set key.path=value ...]

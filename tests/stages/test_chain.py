@@ -28,7 +28,6 @@ def chain(digits_shards, tmp_path_factory):
         "stages.pretrain.max_steps": PRETRAIN_STEPS, "stages.pretrain.checkpoint.every_steps": 100,
         "stages.finetune.max_steps": FINETUNE_STEPS, "stages.finetune.checkpoint.every_steps": 50,
         "stages.finetune.log_every_steps": 10,
-        "stages.finetune.augment.scale": [1.0, 1.0], "stages.finetune.augment.ratio": [1.0, 1.0],
     })
     launch(out, job, "pretrain,finetune,evaluate")
     return out
