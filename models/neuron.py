@@ -16,7 +16,9 @@ All time steps are in the input tensor ``[T, B, ...]``.
 
 ``lif_multistep`` is the single dispatch point: it looks up an implementation by backend name, so a
 fused kernel can be registered with ``register_lif_backend`` and selected per module without touching
-the networks.
+the networks. Built in: "torch" (this reference, the oracle), "triton" (``models.lif_triton``, fused
+kernels for CUDA tensors) and "auto" (the default: "triton" for CUDA inputs when Triton is installed,
+"torch" otherwise, e.g. on CPU).
 """
 
 from __future__ import annotations
@@ -102,7 +104,22 @@ def lif_multistep_reference(
     return torch.stack(spikes)
 
 
-_BACKENDS: dict[str, LifImpl] = {"torch": lif_multistep_reference}
+def _lif_triton(*args) -> torch.Tensor:
+    from .lif_triton import lif_multistep_triton  # imports triton only when asked for
+
+    return lif_multistep_triton(*args)
+
+
+def _lif_auto(x: torch.Tensor, *args) -> torch.Tensor:
+    if x.is_cuda:
+        from . import lif_triton
+
+        if lif_triton.can_run(x):
+            return lif_triton.lif_multistep_triton(x, *args)
+    return lif_multistep_reference(x, *args)
+
+
+_BACKENDS: dict[str, LifImpl] = {"torch": lif_multistep_reference, "triton": _lif_triton, "auto": _lif_auto}
 
 
 def register_lif_backend(name: str, impl: LifImpl) -> None:
@@ -121,7 +138,7 @@ def lif_multistep(
     v_reset: float | None = 0.0,
     alpha: float = 4.0,
     detach_reset: bool = True,
-    backend: str = "torch",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Spikes [T, B, ...] of a LIF neuron driven by ``x`` [T, B, ...], using the chosen backend."""
     try:
@@ -143,7 +160,7 @@ class MultiStepLIF(nn.Module):
         v_reset: float | None = 0.0,
         alpha: float = 4.0,
         detach_reset: bool = True,
-        backend: str = "torch",
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if tau <= 0:
