@@ -3,7 +3,8 @@
 Every number comes from the job spec and the model itself, never from a table:
 
 * FLOPs: the model's own dense count (`models.count_flops`, multiply-accumulates per image per time
-  step, the Spikformer paper's "FLOPs"), built on the meta device (no weights allocated). A
+  step, the Spikformer paper's "FLOPs"), built on the meta device (no weights allocated), plus the
+  MIM decoder's attention matmuls (no Linear layers, so not in that count). A
   hardware FLOP is 2 per MAC; the forward pass runs the encoder T times; training costs 3 forwards
   (backward = 2x forward, the usual transformer rule). The MIM decoder runs once per image.
 * Time: total FLOPs / (gpus x peak TFLOP/s x MFU). The MFU is the user's guess, so the wall time is

@@ -1,0 +1,1 @@
+"""Tests of the cluster reproduction kit (issue 7)."""
