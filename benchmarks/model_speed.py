@@ -1,12 +1,14 @@
 """Forward+backward throughput and peak memory of Spikformer variants.
 
     python benchmarks/model_speed.py VARIANT [--T 4] [--img 224] [--batch 8]
-        [--steps 5] [--warmup 1] [--device cpu] [--no-record]
+        [--steps 5] [--warmup 1] [--device cpu] [--compile] [--fused] [--no-record]
 
 --T and --img default to each variant's own defaults. Prints a Markdown table and appends a dated
 section (hardware, exact command, table) to docs/BENCHMARKS.md unless --no-record.
 CPU peak memory is the process's peak RSS (it includes the Python/torch runtime); CUDA peak memory is
 torch.cuda.max_memory_allocated. One variant per run, so the process peak belongs to it.
+--compile runs the model through torch.compile (Inductor; the warm-up steps include the compile time).
+--fused uses the fused Triton LIF (CUDA only); without it every neuron runs the PyTorch reference.
 images/CPU-s divides by the process CPU time (all threads): on a machine shared with other jobs it
 is the steadier number; with N threads it is about images/s / N when the threads are busy.
 """
@@ -38,10 +40,21 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def measure(
-    name: str, T: int | None, img: int | None, batch: int, steps: int, warmup: int, device: torch.device
+    name: str,
+    T: int | None,
+    img: int | None,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    compile: bool = False,
+    fused: bool = False,
 ) -> dict:
     overrides = {k: v for k, v in (("T", T), ("img_size", img)) if v is not None}
-    model = models.create(name, **overrides).to(device).train()
+    lif_backend = "triton" if fused else "torch"
+    model = models.create(name, lif_kwargs={"backend": lif_backend}, **overrides).to(device).train()
+    if compile:
+        model.compile(dynamic=False)
     size = model.img_size
     images = torch.randn(batch, model.in_chans, size, size, device=device)
     labels = torch.randint(0, model.num_classes, (batch,), device=device)
@@ -65,6 +78,7 @@ def measure(
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {
         "variant": name,
+        "path": f"{'compiled' if compile else 'eager'}, {'fused' if fused else 'torch'} LIF",
         "T": model.T,
         "img": size,
         "batch": batch,
@@ -79,12 +93,14 @@ def measure(
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| variant | params (M) | T | img | batch | steps | s/step | images/s | images/CPU-s | peak memory (MiB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | path | params (M) | T | img | batch | steps | s/step | images/s | images/CPU-s "
+        "| peak memory (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['params_m']:.2f} | {r['T']} | {r['img']} | {r['batch']} | {r['steps']} | "
+            f"| {r['variant']} | {r['path']} | {r['params_m']:.2f} | {r['T']} | {r['img']} | {r['batch']} | "
+            f"{r['steps']} | "
             f"{r['s_per_step']:.3f} | {r['images_per_s']:.2f} | {r['images_per_cpu_s']:.2f} | {r['peak_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -117,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (Inductor)")
+    parser.add_argument("--fused", action="store_true", help="fused Triton LIF kernels (CUDA only)")
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -124,7 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rows = [measure(args.variant, args.T, args.img, args.batch, args.steps, args.warmup, device)]
+    if args.fused and device.type != "cuda":
+        parser.error("--fused needs a CUDA device (Triton kernels)")
+    rows = [
+        measure(args.variant, args.T, args.img, args.batch, args.steps, args.warmup, device, args.compile, args.fused)
+    ]
     print(table(rows))
     if not args.no_record:
         record(rows, device, args.note)
