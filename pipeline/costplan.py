@@ -221,6 +221,7 @@ class StageCost:
     data: DatasetInfo
     world_size: int
     micro_batch: int
+    accum: int
     global_batch: int
     epochs: float | None
     steps: int | None
@@ -251,15 +252,15 @@ def plan_stage(job: JobConfig, stage: str, cluster: Cluster) -> StageCost:
     notes: list[str] = []
     if stage == "evaluate":
         settings = job.stages.evaluate
-        micro, global_batch, epochs = settings.batch_size, settings.batch_size * world, 1.0
+        micro, accum, global_batch, epochs = settings.batch_size, 1, settings.batch_size * world, 1.0
         steps = None if data.samples is None else math.ceil(data.samples / global_batch)
         per_image, images = forward, data.samples
         precision, states, activations = training_precision(job), None, 0.0
         checkpoint = export = None
     else:
         loop = getattr(job.stages, stage)
-        micro = loop.batch_size
-        global_batch = micro * loop.grad_accum_steps * world
+        micro, accum = loop.batch_size, loop.grad_accum_steps
+        global_batch = micro * accum * world
         precision = training_precision(job)
         per_image = TRAIN_FORWARD_MULTIPLE * forward
         if data.samples is None:
@@ -282,7 +283,8 @@ def plan_stage(job: JobConfig, stage: str, cluster: Cluster) -> StageCost:
     effective = cluster.effective_flops
     wall = None if total is None or effective is None else total / effective / 3600
     return StageCost(
-        stage=stage, T=T, model=model, data=data, world_size=world, micro_batch=micro, global_batch=global_batch,
+        stage=stage, T=T, model=model, data=data, world_size=world, micro_batch=micro, accum=accum,
+        global_batch=global_batch,
         epochs=epochs, steps=steps, precision=precision,
         zero_stage=None if stage == "evaluate" else job.deepspeed.zero_stage,
         forward_flops_per_image=forward, flops_per_image=per_image, total_flops=total,
@@ -341,7 +343,7 @@ def format_costs(costs: list[StageCost], cluster: Cluster) -> str:
             ("samples per epoch", f"{c.data.samples:,}  [{c.data.source}]" if c.data.samples else c.data.source),
             ("shards", "?" if c.data.shards is None else f"{c.data.shards:,}, {_gib(c.data.bytes)}"),
             ("global batch", f"{c.global_batch:,} = {c.micro_batch} per GPU x {c.world_size} GPU(s)"
-             + ("" if c.stage == "evaluate" else " x accum")),
+             + (f" x {c.accum} accumulation steps" if c.accum > 1 else "")),
             ("steps / epochs", f"{c.steps if c.steps is not None else '?':,} / "
              + ("?" if c.epochs is None else f"{c.epochs:.4g}") if c.steps is not None else "? / ?"),
             ("model MACs/image/T", f"{_si(c.model.encoder_macs)} (encoder)"
@@ -349,7 +351,7 @@ def format_costs(costs: list[StageCost], cluster: Cluster) -> str:
             ("FLOPs/image", f"forward {_si(c.forward_flops_per_image)}"
              + ("" if c.stage == "evaluate" else f", training {_si(c.flops_per_image)}")),
             ("total FLOPs", _si(c.total_flops)),
-            ("GPU-hours", "?" if c.gpu_hours is None else f"{c.gpu_hours:,.0f}"),
+            ("GPU-hours", "?" if c.gpu_hours is None else f"{c.gpu_hours:,.{0 if c.gpu_hours >= 10 else 2}f}"),
             ("wall time", _hours(c.wall_hours)),
         ]
         if c.states is not None:
