@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 import torch
 
@@ -65,6 +66,9 @@ def _round_src(x, KIND: tl.constexpr):  # noqa: N803
         return x.to(tl.float16).to(tl.float32)
     else:
         return x
+
+
+_round = _round_src  # the kernels' callee; _kernels rebinds it to the jitted version of the mode
 
 
 def _forward_src(X, S, Z, M, T, tau, v_th, v_reset, v_th_q, v_reset_q,  # noqa: N803
@@ -122,16 +126,19 @@ def _backward_src(GS, Z, GX, M, T, LAST, tau, v_th, v_reset, alpha,  # noqa: N80
 
 @functools.cache
 def _kernels(interpret: bool) -> tuple:
-    """Build (jit) the kernels once per mode; ``interpret`` only keys the cache (Triton reads the env).
+    """Build (jit) the kernels once per mode (Triton reads TRITON_INTERPRET when decorating).
 
-    ``_round`` is a module global because the kernels call it by that name.
+    The kernels call ``_round`` by name; each mode gets its own copy of the functions whose globals
+    hold that mode's ``_round``, so interpreted and compiled kernels can live in one process.
     """
-    global _round
-    _round = triton.jit(_round_src)
-    return triton.jit(_forward_src), triton.jit(_backward_src)
+    scope = {**globals(), "_round": triton.jit(_round_src)}
+
+    def rebind(fn):
+        return functools.update_wrapper(types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__), fn)
+
+    return triton.jit(rebind(_forward_src)), triton.jit(rebind(_backward_src))
 
 
-_round = None  # set by _kernels
 _KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

@@ -105,3 +105,17 @@ def test_tiny_model_with_fused_neurons_matches_reference():
     out_fused.square().sum().backward()
     for (name, p_ref), p_fused in zip(ref.named_parameters(), fused.parameters(), strict=True):
         torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled Triton kernels need a CUDA device")
+@pytest.mark.parametrize("T", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_kernels_on_cuda_match_reference(monkeypatch, T, dtype):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    x = (torch.randn(T, 5, 3001, generator=torch.Generator().manual_seed(T)) * 1.5).to(dtype).cuda()
+    s_ref, s_fused, g_ref, g_fused = _both(x)
+    assert torch.equal(s_fused, s_ref)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(g_fused.float(), g_ref.float(), rtol=tol, atol=tol)
+    # the default backend picks the fused kernels for CUDA tensors
+    assert lif_multistep(x.detach().requires_grad_()).grad_fn.name() == "FusedLIFBackward"
