@@ -51,7 +51,7 @@ def _sync(device: torch.device) -> None:
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, iters: int = 10) -> float:
     """Measured dense matmul rate (TFLOP/s) of one square ``size`` GEMM on ``device``: the MFU denominator."""
-    size = size or (8192 if device.type == "cuda" else 512)
+    size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(2):
@@ -85,10 +85,10 @@ def build(mode: str, variant: str, T: int | None, img: int | None) -> tuple[torc
 def measure(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     net, encoder = build(mode, args.variant, args.T, args.img)
+    net.to(device)
     macs = model_macs_per_image(net, encoder, encoder.img_size)
     if args.compile:
         net.compile(dynamic=False)  # in place: parameter names (and so DeepSpeed's groups) unchanged
-    net.to(device)
     loop = LoopSettings(batch_size=args.batch, max_steps=args.warmup + args.steps, T=encoder.T,
                         log_every_steps=10**6, firing_rate_every_steps=10**6)
     ds = DeepSpeedSettings(zero_stage=args.zero, precision=args.precision)
@@ -133,7 +133,7 @@ def measure(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
 def table(rows: list[dict], peak_tflops: float) -> str:
     lines = [
         f"| mode | variant | T | img | batch | precision | ZeRO | compiled | s/step | images/s | images/CPU-s | "
-        f"model GFLOPs/image | model TFLOP/s | MFU (vs {peak_tflops:.1f} TFLOP/s matmul) | peak memory (MiB) |",
+        f"model GFLOPs/image | model TFLOP/s | MFU (vs {peak_tflops:.3g} TFLOP/s matmul) | peak memory (MiB) |",
         "|---|---|---:|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
