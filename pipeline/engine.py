@@ -319,11 +319,13 @@ class TrainEngine:
     def _firing_rates(self, batch: Any) -> Mapping[str, float]:
         # eval mode: running BN stats must not move because of a probe; every rank runs it (ZeRO-3
         # gathers parameters collectively).
+        # Its own RNG stream too: a probe that draws (e.g. a MIM mask) must not change training.
         module = self.ds.module
         was_training = module.training
         module.eval()
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         try:
-            with torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
                 return self.firing_rate_fn(module, batch)
         finally:
             module.train(was_training)
