@@ -20,7 +20,6 @@ import copy
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-DOC = ROOT / "docs" / "BENCHMARKS.md"
+from benchmarks._report import append_section, hardware  # noqa: E402
 
 # The recipe the chain runs (and the one suggested for jobs/quickstart.yaml).
 RECIPE: dict[str, Any] = {
@@ -60,17 +59,6 @@ RECIPE: dict[str, Any] = {
 }
 LABEL_FRACTION = 0.1
 FRACTION_STEPS = 200  # optimizer steps of each few-label finetune (same for both inits)
-
-
-def hardware() -> str:
-    import torch
-
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        cpu = platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def make_shards(dest: Path) -> dict[str, str]:
@@ -189,9 +177,7 @@ def record(table: list[str], args: argparse.Namespace, load_start, load_end) -> 
     if args.note:
         section.append(f"- note: {args.note}")
     section += ["", *table]
-    with open(DOC, "a") as f:
-        f.write("\n".join(section) + "\n")
-    print(f"appended to {DOC}")
+    append_section(section)
 
 
 if __name__ == "__main__":
