@@ -8,7 +8,10 @@ init -> evaluate), with the MLflow records the cluster run would leave.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +107,22 @@ def test_shard_imagenet_builds_both_splits_without_training(tmp_path):
     assert len(train.shards) == -(-images["train"] // 5) and train.classes == val.classes
     runs = stage_runs(tmp_path, "spikformer-v2-imagenet")
     assert set(runs) == {"job"} and runs["job"].info.status == "FINISHED"
+
+
+def test_shard_imagenet_through_pipeline_run_on_a_local_ray(tmp_path):
+    """The documented path: `python -m pipeline run jobs/shard_imagenet.yaml` (Ray tasks), with the
+    validation set as unpacked from the tarballs: flat JPEGs + the devkit's ground truth."""
+    from tests.data.images import build_imagenet
+
+    root = build_imagenet(tmp_path / "ILSVRC2012", val_layout="devkit")
+    sets = [f"output_root={tmp_path}/out", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            f"data.build.root={root}", f"data.build.dest={tmp_path}/shards", "data.build.shard_max_count=5"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "SHARDS", "IMAGENET_ROOT")}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/shard_imagenet.yaml",
+                           *[w for s in sets for w in ("--set", s)]],
+                          cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    val = load_manifest(f"{tmp_path}/shards/val.manifest.json")
+    assert val.num_samples == len(list((root / "val").glob("*.JPEG"))) and not val.skipped
+    assert val.classes == load_manifest(f"{tmp_path}/shards/train.manifest.json").classes
+    assert set(stage_runs(tmp_path, "spikformer-v2-imagenet")) == {"job"}
