@@ -184,6 +184,7 @@ class FusedLIF(torch.autograd.Function):
         return grad_x, None, None, None, None, None
 
 
+@torch.compiler.disable  # opaque to torch.compile: a clean graph break around the kernels (not verified on GPU)
 def lif_multistep_triton(
     x: torch.Tensor,
     tau: float,
