@@ -153,7 +153,8 @@ def saved_activation_bytes(model: torch.nn.Module, img_size: int) -> int:
         return tensor
 
     channels = int(getattr(model, "in_chans", 3))
-    images = torch.zeros(1, channels, img_size, img_size, device="meta")
+    device = next(model.parameters()).device  # meta for plans; a real device gives the same count
+    images = torch.zeros(1, channels, img_size, img_size, device=device)
     was_training = model.training
     model.train()
     try:
@@ -162,7 +163,7 @@ def saved_activation_bytes(model: torch.nn.Module, img_size: int) -> int:
                 # MIM: the dense encoder path (masked BN selects rows by value, which the meta device
                 # cannot do); the sparse path saves the same tensors plus a few row indices
                 grid = model.patch_grid(images.shape)
-                mask = torch.zeros(1, grid[0] * grid[1], dtype=torch.bool, device="meta")
+                mask = torch.zeros(1, grid[0] * grid[1], dtype=torch.bool, device=device)
                 model.forward_decoder(model.forward_encoder(images, None), mask, grid)
             else:
                 model(images)

@@ -107,3 +107,20 @@ def test_plan_command_prints_the_cost_table_for_imagenet(tmp_path, capsys, monke
     steps = math.ceil(310 * (1_281_167 // (16 * 16)))
     assert f"{steps:,} / 310" in out
     assert "finetune (T=4, bf16, ZeRO-1)" in out and "wall time" in out and "memory/GPU optimizer" in out
+
+
+def test_activation_estimate_on_meta_equals_a_real_forward_and_scales_with_T(tmp_path):
+    import timm
+    import torch
+
+    from pipeline.costplan import build_stage_model, saved_activation_bytes
+
+    job = toy_job(tmp_path, "stages.finetune.T=2")
+    meta = saved_activation_bytes(build_stage_model(job, "finetune"), 32)
+    torch.manual_seed(0)
+    real = timm.create_model("spikformer_v2_tiny", img_size=32, num_classes=10, T=2, drop_path_rate=0.1)
+    assert meta == saved_activation_bytes(real, 32) > 0  # the meta device saves the same tensors
+    by_T = {T: saved_activation_bytes(build_stage_model(toy_job(tmp_path, f"stages.finetune.T={T}"), "finetune"), 32)
+            for T in (1, 4)}
+    # BPTT keeps every time step: each step beyond the first saves the same tensors again
+    assert by_T[4] - meta == 2 * (meta - by_T[1]) > 0
