@@ -335,6 +335,8 @@ def format_costs(costs: list[StageCost], cluster: Cluster) -> str:
     speed = (f"{cluster.gpus} GPU(s) x {cluster.gpu_tflops:g} TFLOP/s peak x MFU {cluster.mfu:g}"
              if cluster.gpu_tflops else f"{cluster.gpus} GPU(s); give --gpu-tflops for time estimates")
     lines = [f"cost plan: {speed}"]
+    if not costs:
+        lines.append("  no training or evaluation stage selected")
     for c in costs:
         lines.append(f"  {c.stage} (T={c.T}, {c.precision}"
                      + (f", ZeRO-{c.zero_stage}" if c.zero_stage is not None else "") + ")")
