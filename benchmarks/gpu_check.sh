@@ -50,7 +50,7 @@ step 75 "LIF micro-benchmark (64M elements, T = 1 and 4)" \
 
 step 150 "172M (16-768, T = 1, 224 px) pretrain + finetune step, bf16, ZeRO-2" \
     "$PYTHON" benchmarks/train_step.py spikformer_v2_16_768 --mode pretrain finetune --T 1 --img 224 \
-    --batch 64 --steps 10 --warmup 3 --zero 2 --precision bf16 --note "gpu_check.sh; fused LIF (auto)"
+    --batch "${BATCH_172M:-64}" --steps 10 --warmup 3 --zero 2 --precision bf16 --note "gpu_check.sh; fused LIF (auto)"
 
 step 75 "8-512, T = 4, finetune step, bf16, ZeRO-2" \
     "$PYTHON" benchmarks/train_step.py spikformer_v2_8_512 --mode finetune --T 4 --img 224 \

@@ -89,8 +89,8 @@ def table(rows: list[dict], copy_gbs: dict[str, float]) -> str:
         speedup = reference.get((r["dtype"], r["T"]), float("nan")) / r["fwd_bwd_ms"]
         share = f"{100 * r['gbs'] / copy_gbs[r['dtype']]:.0f}%" if r["dtype"] in copy_gbs else "-"
         lines.append(
-            f"| {r['device']} | {r['impl']} | {r['dtype']} | {r['T']} | {r['elements'] / 2**20:.0f}M | "
-            f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup:.2f}x | {r['gbs']:.0f} | {share} |"
+            f"| {r['device']} | {r['impl']} | {r['dtype']} | {r['T']} | {r['elements'] / 2**20:.3g}M | "
+            f"{r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | {speedup:.2f}x | {r['gbs']:.1f} | {share} |"
         )
     return "\n".join(lines)
 
