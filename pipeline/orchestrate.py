@@ -345,7 +345,11 @@ def plan_job(job: JobConfig, only: list[str] | None = None) -> list[PlannedStage
     from pipeline import tracking
     from pipeline.export import export_digest
 
-    tracker = tracking.prepare(job.mlflow)
+    try:
+        tracker = tracking.prepare(job.mlflow)
+    except PipelineError as err:  # a plan is still useful from a laptop that cannot see the cluster's MLflow
+        logger.warning("cache status unknown: %s", err)
+        tracker = None
     manifests = dataset_manifests(job, build=False)
     digests: dict[str, str] = {}
     for role, url in manifests.items():
@@ -376,6 +380,10 @@ def plan_job(job: JobConfig, only: list[str] | None = None) -> list[PlannedStage
             upstream_known, upstream_digest = False, None
             continue
         fingerprint = stage_fingerprint(stage, stage_settings(job, stage), inputs)
+        if tracker is None:
+            planned.append(PlannedStage(stage, fingerprint, "run unless MLflow holds it (MLflow unreachable)"))
+            upstream_known, upstream_digest = False, None
+            continue
         cached = tracker.find_finished_stage(stage, fingerprint)
         if cached is not None:
             planned.append(PlannedStage(stage, fingerprint, f"skip (finished run {cached.info.run_id})"))
