@@ -21,6 +21,7 @@ is how the tests check it without a GPU. Kernels are built on first use so that 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -151,6 +152,11 @@ def _grid(m: int) -> tuple[int]:
     return (triton.cdiv(m, BLOCK),)
 
 
+def _on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU even when another one is current."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 class FusedLIF(torch.autograd.Function):
     """Autograd wrapper of the two kernels; inputs [T, ...] (any trailing shape)."""
 
@@ -163,9 +169,10 @@ class FusedLIF(torch.autograd.Function):
         spikes, z = torch.empty_like(x), torch.empty_like(x)
         hard = v_reset is not None
         v_reset = float(v_reset) if hard else 0.0
-        forward_kernel[_grid(m)](x, spikes, z, m, T, float(tau), float(v_threshold), v_reset,
-                                 _rounded(v_threshold, x.dtype), _rounded(v_reset, x.dtype), HARD=hard,
-                                 KIND=_KINDS[x.dtype], BLOCK=BLOCK)
+        with _on_device(x):
+            forward_kernel[_grid(m)](x, spikes, z, m, T, float(tau), float(v_threshold), v_reset,
+                                     _rounded(v_threshold, x.dtype), _rounded(v_reset, x.dtype), HARD=hard,
+                                     KIND=_KINDS[x.dtype], BLOCK=BLOCK)
         ctx.save_for_backward(z)
         ctx.params = (float(tau), float(v_threshold), v_reset, float(alpha), hard,
                       bool(detach_reset))
@@ -179,8 +186,9 @@ class FusedLIF(torch.autograd.Function):
         grad_spikes = grad_spikes.contiguous()
         grad_x = torch.empty_like(z)
         T, m = z.shape[0], z[0].numel()
-        backward_kernel[_grid(m)](grad_spikes, z, grad_x, m, T, (T - 1) * m, tau, v_th, v_reset, alpha, HARD=hard,
-                                  DETACH=detach, KIND=_KINDS[z.dtype], BLOCK=BLOCK)
+        with _on_device(z):
+            backward_kernel[_grid(m)](grad_spikes, z, grad_x, m, T, (T - 1) * m, tau, v_th, v_reset, alpha,
+                                      HARD=hard, DETACH=detach, KIND=_KINDS[z.dtype], BLOCK=BLOCK)
         return grad_x, None, None, None, None, None
 
 
