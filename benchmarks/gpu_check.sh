@@ -13,8 +13,8 @@
 #   4. the 8-512 (spikformer_v2_8_512) at T = 4 finetuning step, fused LIF, then the PyTorch LIF
 #      (model_speed.py) for the model-level effect of the kernels.
 # Each benchmark prints a Markdown table and appends a dated section to docs/BENCHMARKS.md; at the end
-# the appended Markdown is printed between BEGIN/END markers, ready to paste. If $OUT is set, the
-# appended Markdown and the full log are also written there.
+# the appended Markdown is printed between BEGIN/END markers, ready to paste (and written to
+# $OUT/benchmarks_gpu.md when $OUT is set). Larger 172M batch: BATCH_172M=128 bash benchmarks/gpu_check.sh
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
