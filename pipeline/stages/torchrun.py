@@ -30,13 +30,12 @@ from typing import Any
 
 from pipeline.config import JobConfig, load_job
 from pipeline.errors import PipelineError
+from pipeline.orchestrate import STAGE_ORDER, UPSTREAM
 from pipeline.ray_stage import RESULT_FILE, STAGE_FUNCTIONS, read_result, resolve_function, write_result
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 
 logger = logging.getLogger(__name__)
 
-STAGE_ORDER = ("pretrain", "finetune", "evaluate")
-UPSTREAM = {"finetune": "pretrain", "evaluate": "finetune"}
 
 
 def _append_json(path: str, record: dict[str, Any]) -> None:
