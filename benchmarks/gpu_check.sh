@@ -18,7 +18,12 @@
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-.venv/bin/python}
+# the project's venv when there is one; else the machine's python3 (a lent GPU's image holds torch,
+# triton and timm; deepspeed and the project must then be importable, e.g. carried wheels + PYTHONPATH)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 DOC=docs/BENCHMARKS.md
 OUT_DIR=${OUT:-}
 START=$(date +%s)
