@@ -36,6 +36,11 @@ def ray_head():
     command = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--num-cpus=2",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    # Free ports for every fixed-port agent: another Ray in this test session (e.g. the shard
+    # writer's local Ray) holds the defaults, and a head whose job agent cannot bind never accepts jobs.
+    for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                 "runtime-env-agent-port", "ray-client-server-port"):
+        command.append(f"--{flag}={free_port()}")
     # --block keeps every Ray daemon in this process group, so teardown stops this cluster only
     # (`ray stop` would kill every Ray on the machine, including ones other tests started).
     head = subprocess.Popen([*command, "--block"], env=env, start_new_session=True,
