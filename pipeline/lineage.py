@@ -56,7 +56,17 @@ class FsspecDatasetSource(DatasetSource):
         return "fsspec"
 
     def load(self, dst_path: str | None = None) -> str:
-        raise NotImplementedError("read the manifest with pipeline.data.manifest.load_manifest")
+        """Copy the manifest to `dst_path` (default: a new temp folder) and return the local file."""
+        import os
+        import tempfile
+
+        import fsspec
+
+        folder = dst_path or tempfile.mkdtemp(prefix="dataset-")
+        local = os.path.join(folder, os.path.basename(self.url.rstrip("/")) or "manifest.json")
+        with fsspec.open(self.url, "rb") as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        return local
 
     @staticmethod
     def _can_resolve(raw_source: Any) -> bool:
