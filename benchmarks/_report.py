@@ -27,6 +27,26 @@ def hardware(device: str = "cpu") -> str:
     return f"{cpu_name()}, {os.cpu_count()} CPUs, torch threads: {torch.get_num_threads()}, torch {torch.__version__}"
 
 
+def record_section(title: str, script: str, details: list[str], table: str, note: str | None = None,
+                   device: str = "cpu") -> None:
+    """Append `## title (date)` with hardware + load average, the exact command, details, note, table."""
+    import datetime as dt
+    import shlex
+    import sys
+
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines = [
+        f"## {title} ({dt.date.today().isoformat()})",
+        "",
+        f"- hardware: {hardware(device)}; load average at the end: {load}",
+        f"- command: `python benchmarks/{script} {shlex.join(sys.argv[1:])}`",
+        *[f"- {line}" for line in details],
+    ]
+    if note:
+        lines.append(f"- note: {note}")
+    append_section([*lines, "", table, ""])
+
+
 def append_section(lines: list[str]) -> None:
     """Append one dated section (already formatted lines) to docs/BENCHMARKS.md."""
     if not DOC.exists():

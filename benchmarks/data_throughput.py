@@ -15,10 +15,8 @@ section to docs/BENCHMARKS.md unless --no-record.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import random
 import resource
-import shlex
 import sys
 import tempfile
 import time
@@ -29,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import append_section, hardware  # noqa: E402
+from benchmarks._report import record_section  # noqa: E402
 from pipeline.data.stream import build_loader  # noqa: E402
 from pipeline.data.transforms import build_transform  # noqa: E402
 from pipeline.data.writer import write_shards  # noqa: E402
@@ -125,20 +123,12 @@ def table(rows: list[dict]) -> str:
 
 
 def record(rows: list[dict], args: argparse.Namespace, note: str) -> None:
-    command = "python benchmarks/data_throughput.py " + shlex.join(sys.argv[1:])
-    section = [
-        f"\n## Data throughput ({dt.date.today().isoformat()})\n",
-        f"- hardware: {hardware()}",
-        f"- command: `{command}`",
-        f"- {args.images} generated JPEGs (300-500 px, quality 90) in 10 class folders; role {args.role!r} "
+    record_section("Data throughput", "data_throughput.py", [
+        f"{args.images} generated JPEGs (300-500 px, quality 90) in 10 class folders; role {args.role!r} "
         f"timm transform at {args.img} px, batch {args.batch}; one epoch per loader, best of {args.repeats}",
-        "- shards: `pipeline.data.stream.build_loader` over WebDataset tars of the same JPEG bytes "
+        "shards: `pipeline.data.stream.build_loader` over WebDataset tars of the same JPEG bytes "
         "(local disk); ImageFolder: torchvision `ImageFolder` + `DataLoader(shuffle=True)`",
-    ]
-    if note:
-        section.append(f"- note: {note}")
-    section += ["", table(rows), ""]
-    append_section(section)
+    ], table(rows), note)
 
 
 def main(argv: list[str] | None = None) -> None:

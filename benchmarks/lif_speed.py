@@ -13,9 +13,6 @@ moves 6 x elements x itemsize bytes (the minimum for this interface). On CPU onl
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import append_section, hardware  # noqa: E402
+from benchmarks._report import record_section  # noqa: E402
 from models import lif_triton  # noqa: E402
 from models.neuron import lif_multistep_reference  # noqa: E402
 
@@ -128,18 +125,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if copy_gbs:
         print("copy bandwidth (GB/s): " + ", ".join(f"{k} {v:.0f}" for k, v in copy_gbs.items()))
     if not args.no_record:
-        command = "python benchmarks/lif_speed.py " + shlex.join(sys.argv[1:])
-        section = [
-            f"\n## LIF forward+backward: reference vs fused ({dt.date.today().isoformat()})\n",
-            f"- hardware: {hardware(device.type)}; load average: {', '.join(f'{x:.1f}' for x in os.getloadavg())}",
-            f"- command: `{command}`",
-            "- Spikformer LIF (tau 2, V_th 1, hard reset 0, detached reset); mean of the timed calls after a warm-up"
-            + (f"; copy bandwidth (GB/s): {', '.join(f'{k} {v:.0f}' for k, v in copy_gbs.items())}" if copy_gbs
-               else "; fused path not run (no CUDA device)"),
-        ]
-        if args.note:
-            section.append(f"- note: {args.note}")
-        append_section(section + ["", table(rows, copy_gbs), ""])
+        bandwidth = (f"copy bandwidth (GB/s): {', '.join(f'{k} {v:.0f}' for k, v in copy_gbs.items())}"
+                     if copy_gbs else "fused path not run (no CUDA device)")
+        record_section("LIF forward+backward: reference vs fused", "lif_speed.py",
+                       ["Spikformer LIF (tau 2, V_th 1, hard reset 0, detached reset); mean of the timed calls "
+                        f"after a warm-up; {bandwidth}"],
+                       table(rows, copy_gbs), args.note, device.type)
     return rows
 
 

@@ -16,10 +16,7 @@ is the steadier number; with N threads it is about images/s / N when the threads
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
 import resource
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from benchmarks._report import append_section, hardware  # noqa: E402
+from benchmarks._report import record_section  # noqa: E402
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -107,20 +104,11 @@ def table(rows: list[dict]) -> str:
 
 
 def record(rows: list[dict], device: torch.device, note: str) -> None:
-    command = "python benchmarks/model_speed.py " + shlex.join(sys.argv[1:])
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = [
-        f"\n## Model speed: {', '.join(r['variant'] for r in rows)} ({dt.date.today().isoformat()})\n",
-        f"- hardware: {hardware(device.type)}; load average at the end: {load}",
-        f"- command: `{command}`",
-        "- forward + backward (cross-entropy on random labels), train mode; peak memory: "
-        + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS")
-        + "; images/CPU-s: per second of process CPU time (all threads)",
-    ]
-    if note:
-        section.append(f"- note: {note}")
-    section += ["", table(rows), ""]
-    append_section(section)
+    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+    record_section(f"Model speed: {', '.join(r['variant'] for r in rows)}", "model_speed.py",
+                   [f"forward + backward (cross-entropy on random labels), train mode; peak memory: {memory}; "
+                    "images/CPU-s: per second of process CPU time (all threads)"],
+                   table(rows), note, device.type)
 
 
 def main(argv: list[str] | None = None) -> None:

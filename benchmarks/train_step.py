@@ -18,10 +18,7 @@ the same device (bf16 on CUDA, the run's dtype on CPU), not the datasheet peak.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
-import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -32,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models  # noqa: E402
-from benchmarks._report import append_section, hardware  # noqa: E402
+from benchmarks._report import record_section  # noqa: E402
 from models.energy import count_flops  # noqa: E402
 from models.mim import MaskedImageModel  # noqa: E402
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings  # noqa: E402
@@ -147,20 +144,12 @@ def table(rows: list[dict], peak_tflops: float) -> str:
 
 
 def record(rows: list[dict], device: torch.device, peak_tflops: float, note: str) -> None:
-    command = "python benchmarks/train_step.py " + shlex.join(sys.argv[1:])
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = [
-        f"\n## Training step: {rows[0]['variant']} ({dt.date.today().isoformat()})\n",
-        f"- hardware: {hardware(device.type)}; load average at the end: {load}",
-        f"- command: `{command}`",
-        "- one `TrainEngine.train_step` (DeepSpeed forward, backward, optimizer step) on a resident random batch; "
-        "model FLOPs = 6 x count_flops MACs x T (+ MIM decoder); MFU against the measured square-matmul rate; "
-        "peak memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"),
-    ]
-    if note:
-        section.append(f"- note: {note}")
-    section += ["", table(rows, peak_tflops), ""]
-    append_section(section)
+    memory = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"
+    record_section(f"Training step: {rows[0]['variant']}", "train_step.py",
+                   ["one `TrainEngine.train_step` (DeepSpeed forward, backward, optimizer step) on a resident random "
+                    "batch; model FLOPs = 6 x count_flops MACs x T (+ MIM decoder); MFU against the measured "
+                    f"square-matmul rate; peak memory: {memory}"],
+                   table(rows, peak_tflops), note, device.type)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
