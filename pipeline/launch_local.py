@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 from pipeline.config import flatten_params
 from pipeline.errors import PipelineError
@@ -104,20 +105,12 @@ def run_local(job, only: list[str] | None = None, job_file: str | None = None) -
     return outcome if rank == 0 else None
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipeline.commands._job_args import add_job_arguments, load
-    from pipeline.commands.run import summary
-
-    parser = argparse.ArgumentParser(prog="python -m pipeline.launch_local", description=__doc__.split("\n\n")[0])
-    add_job_arguments(parser)
-    args = parser.parse_args(argv)
+def run_ranked(body: Callable[[], None]) -> int:
+    """The main() of a per-rank launcher: readable per-rank logs, one-line user errors, clean teardown."""
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
     try:
-        job, stages = load(args)
-        outcome = run_local(job, stages, job_file=args.job)
-        if outcome is not None:
-            print(summary(outcome), flush=True)
+        body()
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -127,6 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.commands._job_args import add_job_arguments, load
+    from pipeline.commands.run import summary
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.launch_local", description=__doc__.split("\n\n")[0])
+    add_job_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        job, stages = load(args)
+        outcome = run_local(job, stages, job_file=args.job)
+        if outcome is not None:
+            print(summary(outcome), flush=True)
+
+    return run_ranked(body)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ import shutil
 import sys
 from typing import Any
 
-from pipeline.config import JobConfig, load_job
-from pipeline.errors import PipelineError
-from pipeline.orchestrate import STAGE_ORDER, UPSTREAM
+from pipeline.config import JobConfig
+from pipeline.orchestrate import UPSTREAM, selected_stages
 from pipeline.ray_stage import RESULT_FILE, STAGE_FUNCTIONS, read_result, resolve_function, write_result
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 
@@ -137,30 +136,19 @@ def run_stages(job: JobConfig, stages: list[str], out: str) -> dict[str, StageRe
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pipeline.stages.torchrun", description=__doc__.split("\n\n")[0])
-    parser.add_argument("job", help="job spec YAML")
-    parser.add_argument("--stages", default=",".join(STAGE_ORDER), help="comma-separated, in order")
-    parser.add_argument("--out", default=None, help="output folder (default: the job's output_root)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(name)s: %(message)s")
-    try:
-        job = load_job(args.job, args.overrides)
-        stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = [s for s in stages if s not in STAGE_ORDER]
-        if unknown:
-            raise PipelineError(f"--stages: unknown stage(s) {unknown}; use {', '.join(STAGE_ORDER)}")
-        run_stages(job, stages, args.out or job.output_root)
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
+    from pipeline.commands._job_args import add_job_arguments, load
+    from pipeline.launch_local import run_ranked
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    parser = argparse.ArgumentParser(prog="pipeline.stages.torchrun", description=__doc__.split("\n\n")[0])
+    add_job_arguments(parser)
+    parser.add_argument("--out", default=None, help="output folder (default: the job's output_root)")
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        job, stages = load(args)
+        run_stages(job, selected_stages(job, stages), args.out or job.output_root)
+
+    return run_ranked(body)
 
 
 if __name__ == "__main__":
