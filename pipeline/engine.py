@@ -6,7 +6,7 @@
         out = engine.train_step(micro_batches, skipped_samples=loader.skipped)   # one optimizer step
         if out.metrics: ctx.log_metrics(out.metrics, out.step)
         if engine.should_checkpoint(): engine.save_checkpoint(ckpt_dir, epoch=e, batch_in_epoch=b)
-    engine.save_checkpoint(ckpt_dir, ...); engine.export(url, variant=..., kwargs=...)
+    engine.save_checkpoint(ckpt_dir, ...); engine.export(url, {"variant": ..., "kwargs": ...})
 
 Decisions
 - Distributed: an existing torch.distributed group (torchrun, Ray Train) is reused; otherwise one is
@@ -37,6 +37,7 @@ Decisions
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -191,7 +192,6 @@ class TrainEngine:
         loop: LoopSettings,
         loss_fn: LossFn,
         total_steps: int,
-        lr: float,
         rank: int,
         world_size: int,
         local_rank: int,
@@ -204,7 +204,6 @@ class TrainEngine:
         self.loss_fn = loss_fn
         self.firing_rate_fn = firing_rate_fn
         self.total_steps = total_steps
-        self.lr = lr  # peak lr (before layer-decay scales)
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.global_batch = loop.batch_size * loop.grad_accum_steps * world_size
         self.device = torch.device(ds_engine.device)
@@ -458,25 +457,25 @@ class TrainEngine:
             return {}
         return {id(p): m for lo, hi in zip(low, high, strict=True) for p, m in zip(lo, hi, strict=True)}
 
-    def export(
-        self,
-        url: str,
-        *,
-        variant: str,
-        kwargs: Mapping[str, Any],
-        extra: Mapping[str, Any] | None = None,
-        prefix: str | None = None,
-    ) -> str:
-        """Write the consolidated fp32 export (pipeline.export format) from rank 0; returns its sha256 on
-        every rank. Collective."""
-        state_dict = self.state_dict_fp32(prefix)
+    def export(self, url: str, config: Mapping[str, Any], *, state: dict[str, torch.Tensor] | None = None,
+               prefix: str | None = None) -> str:
+        """Write the consolidated fp32 export (pipeline.export format; `config` needs variant and kwargs)
+        from rank 0, of `state` or else of the engine's own weights; returns its sha256 on every rank.
+        Collective."""
+        state_dict = self.state_dict_fp32(prefix) if state is None else state
         digest = [None]
         if self.rank == 0:
-            config = {"variant": variant, "kwargs": dict(kwargs), "step": self.step, **(extra or {})}
-            digest[0] = write_export(state_dict, config, url)
+            digest[0] = write_export(state_dict, {"step": self.step, **config}, url)
         if dist.is_initialized():
             dist.broadcast_object_list(digest, src=0)
         return digest[0]
+
+    def gathered_parameters(self):
+        """A context in which every parameter of the module is whole on every rank (ZeRO-3 gathers
+        them, collectively); a no-op below ZeRO-3."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(self.ds.module.parameters()))
+        return contextlib.nullcontext()
 
 
 def build_engine(
@@ -534,7 +533,6 @@ def build_engine(
         loop=loop,
         loss_fn=loss_fn,
         total_steps=length.total_steps,
-        lr=lr,
         rank=rank,
         world_size=world_size,
         local_rank=local_rank,

@@ -142,7 +142,7 @@ def main() -> None:
     u.train(STEPS, rank_dir("ckpt_u"))
     if u.engine.last_checkpoint is None or not u.engine.last_checkpoint.endswith(ckpt.tag_for_step(STEPS)):
         u.engine.save_checkpoint(rank_dir("ckpt_u"), epoch=u.epoch, batch_in_epoch=u.batch)
-    digest = u.engine.export(rank_dir("export_u"), variant=VARIANT, kwargs=VARIANT_KWARGS, extra={"stage": "test"})
+    digest = u.engine.export(rank_dir("export_u"), {"variant": VARIANT, "kwargs": VARIANT_KWARGS, "stage": "test"})
     u_params = u.params()
     res.update(
         u_lrs=u.lrs,
@@ -177,7 +177,7 @@ def main() -> None:
     res["u_lr_at_resume"] = u.lrs[RESUME_AT]
     r.train(STEPS, rank_dir("ckpt_r"))
     r.engine.save_checkpoint(rank_dir("ckpt_r"), epoch=r.epoch, batch_in_epoch=r.batch)
-    r.engine.export(rank_dir("export_r"), variant=VARIANT, kwargs=VARIANT_KWARGS)
+    r.engine.export(rank_dir("export_r"), {"variant": VARIANT, "kwargs": VARIANT_KWARGS})
     res.update(r_losses=dict(r.losses), r_ids=dict(r.first_ids), r_params_equal_u=same(r.params(), u_params))
 
     # ---- crash simulation: R steps once more and writes tag STEPS+1 but never publishes it
