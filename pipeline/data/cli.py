@@ -1,7 +1,9 @@
-"""`python -m pipeline shards SOURCE DEST [options]` and `python -m pipeline shards verify MANIFEST_URL`.
+"""`python -m pipeline shards SOURCE DEST [options]` and `python -m pipeline shards verify MANIFEST_URL [--decode]`.
 
 SOURCE is `digits`, `imagefolder` or `imagenet` (the latter two need --root); DEST is a folder URL
 (local path, file://, s3://, gs://, memory://). Output: `{split}-NNNNNN.tar` and `{split}.manifest.json`.
+A DEST whose manifest holds another build is refused unless --new-version (then `DEST/v-<plan>/`).
+`verify` prints one line per bad shard or sample on stderr and exits 2 if there is any.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "  python -m pipeline shards digits data/digits --split train\n"
         "  python -m pipeline shards imagenet s3://bucket/imagenet --root /data/ILSVRC2012 --split val "
         "--shard-max-mb 512\n"
-        "  python -m pipeline shards verify s3://bucket/imagenet/val.manifest.json"
+        "  python -m pipeline shards verify s3://bucket/imagenet/val.manifest.json --decode"
     )
     parser.add_argument("source", metavar="SOURCE", help="digits | imagefolder | imagenet | verify")
     parser.add_argument("dest", metavar="DEST", help="shard folder URL (or, after 'verify', a manifest URL)")
@@ -42,11 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-labels", help="imagenet flat val: label file (LOC_val_solution.csv, ...)")
     parser.add_argument("--devkit-meta", help="imagenet flat val: the devkit's meta.mat")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--new-version",
+        action="store_true",
+        help="if DEST holds another build of this split, write this one to DEST/v-<plan digest[:12]>/",
+    )
+    parser.add_argument("--decode", action="store_true", help="verify: also decode every image and label")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.source == "verify":
-        return _verify(args.dest)
+        return _verify(args.dest, args.decode)
     from pipeline.data.writer import write_shards
 
     if args.shard_max_count is not None and args.shard_max_count <= 0:
@@ -66,6 +74,7 @@ def main(args: argparse.Namespace) -> int:
         val_labels=args.val_labels,
         devkit_meta=args.devkit_meta,
         progress=not args.no_progress,
+        new_version=args.new_version,
     )
     manifest = report.manifest
     print(
@@ -73,6 +82,8 @@ def main(args: argparse.Namespace) -> int:
         f"{len(manifest.shards)} shards ({report.written} written, {report.reused} reused), "
         f"{report.skipped} skipped; digest {manifest.digest}"
     )
+    for name, reason in report.rewritten:
+        print(f"  rewrote {name}: {reason}")
     for entry in manifest.skipped[:10]:
         print(f"  skipped {entry.file}: {entry.reason}")
     if report.skipped > 10:
@@ -80,14 +91,25 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(manifest_url: str) -> int:
-    from pipeline.data.verify import verify_manifest
+def _verify(manifest_url: str, decode: bool) -> int:
+    import sys
+
+    from pipeline.data.verify import check_manifest
 
     if not manifest_url:
         raise PipelineError("shards verify: give the manifest URL")
-    report = verify_manifest(manifest_url)
+    report = check_manifest(manifest_url, decode=decode)
+    checked = "size, sha256, labels, every image decoded" if decode else "size, sha256, labels"
+    for problem in report.problems:
+        print(f"bad: {problem}", file=sys.stderr)
+    if report.problems:
+        print(
+            f"{manifest_url}: FAILED, {len(report.problems)} problem(s) in {len(report.bad_shards)} of "
+            f"{report.shards} shards ({checked}); digest {report.manifest.digest}"
+        )
+        return 2  # the exit status of every other pipeline error
     print(
-        f"{manifest_url}: ok, {report.shards} shards, {report.samples} samples, {report.bytes} bytes; "
+        f"{manifest_url}: ok, {report.shards} shards, {report.samples} samples, {report.bytes} bytes ({checked}); "
         f"digest {report.manifest.digest}"
     )
     return 0
