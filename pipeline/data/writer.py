@@ -17,8 +17,8 @@ A shard set is immutable once its manifest exists:
 - With the same plan, a shard is reused only if its size and sha256 equal the manifest's; any other
   shard (missing, truncated, rotted) is rebuilt, and the rebuilt bytes must hash to the manifest's
   sha256 before they replace the bad file (the writer is deterministic; if the source no longer gives
-  the same bytes, the set cannot be repaired in place and the build says so). Each rewritten shard
-  is logged with its reason and listed in `WriteReport.rewritten`.
+  the same bytes, the set cannot be repaired and the build fails, naming the shard, leaving it as it
+  was). Each rewritten shard is logged with its reason and listed in `WriteReport.rewritten`.
 - Before the first manifest of a split exists, the folder is held by a claim file
   `{split}.building.json` (created exclusively, see publish.py) naming the plan: a concurrent or
   later build with the same plan cooperates (byte-identical shards, each written to a temporary
@@ -174,8 +174,8 @@ def _write_shard(
             if expected_sha256 is not None and digest != expected_sha256:
                 raise _ShardMismatch(  # raised inside the block: the bad file keeps its name, nothing is replaced
                     f"{url}: rebuilt shard has sha256 {digest}, its manifest says {expected_sha256}: the source "
-                    "no longer gives the same bytes, so this set cannot be repaired in place; "
-                    "build a new version (--new-version / new_version=True)"
+                    "no longer gives the bytes this set was built from (files changed in place?), so the set "
+                    "cannot be repaired; the damaged shard is left as it was: build into another dest"
                 )
     except PipelineError:
         raise
