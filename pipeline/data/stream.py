@@ -4,9 +4,10 @@ API (what the stages use; keep it stable)
 
     loader = build_loader(manifest_url, role, *, batch_size, img_size, rank=0, world_size=1,
                           num_workers=2, seed=0, epoch=0, start_batch=0, augment=None,
-                          on_error="raise", shuffle_buffer=1000, pin_memory=False, with_keys=False)
+                          on_error="raise", shuffle_buffer=1000, pin_memory=None, with_keys=False,
+                          device=None, decode="cpu")
     len(loader)                # batches this iteration yields (= batches_per_epoch - start_batch)
-    for images, labels in loader:   # float [B, 3, img_size, img_size] normalised, long [B]
+    for images, labels in loader:   # float32 [B, 3, img_size, img_size] normalised, on `device`; long [B] (CPU)
         ...                         # with_keys=True: (images, labels, keys), keys a list of B str ("" = pad)
     loader.skipped             # samples skipped for corrupt data in the last/current iteration (this rank)
     loader.set_epoch(epoch, start_batch=0)   # then iterate again for the next epoch
@@ -15,6 +16,16 @@ API (what the stages use; keep it stable)
 role: "pretrain" (RandomResizedCrop 0.2-1 + flip), "train" (RandAugment + random erasing) or
 "eval" (centre crop); `augment` overrides the timm create_transform options (transforms.py).
 Grayscale/CMYK/palette images are converted to RGB.
+
+Where the work happens
+- Reading: webdataset's tar reader and grouping (pipeline.data.read); each shard's sha256 is computed
+  from the bytes as they are read and compared with the manifest's at the end of the shard.
+- DataLoader workers decode and augment on the CPU and hand over uint8 batches (decode.py: the
+  crop box comes from the JPEG header, the JPEG is decoded at a draft reduction when the crop
+  allows). `device` (default: this process's current CUDA device, else the CPU) receives them and
+  normalises and random-erases them there (device.py), as timm's PrefetchLoader does.
+- decode="gpu" (or "auto", gpu_decode.py): workers only parse headers and draw the crops; the JPEGs
+  are decoded in batches by nvJPEG (torchvision.io.decode_jpeg) and cropped/flipped on the device.
 
 How the epoch is cut (G = world_size * max(num_workers, 1) readers; reader g = rank * workers + worker)
 - Shards are shuffled with a seed derived from (seed, epoch), the same on every rank, then dealt to
@@ -41,20 +52,22 @@ Determinism and resume
 - Augmentation randomness is re-seeded before every sample from (seed, epoch, rank, worker,
   position in the worker's stream) for python `random`, numpy and torch (all three are used by
   timm transforms). With num_workers=0 the caller's RNG states are saved and restored around it.
+  The random-erasing fill on the device comes from a generator seeded from (seed, epoch, rank, batch).
 
 Corrupt data (on_error)
 - "raise": a truncated/unreadable shard or an undecodable sample raises PipelineError naming the
-  shard URL and the sample key.
+  shard URL and the sample key; a shard whose sha256 differs from the manifest's raises naming the
+  URL and both digests (when the shard has been read to its end).
 - "skip": a warning is logged and the sample (or the rest of a truncated shard) is skipped; train
   readers fill the batch from the next samples, eval replaces each lost sample by padding (label -1),
-  so batch counts never change. `loader.skipped` counts them for this rank: a shared counter that
-  DataLoader worker processes add to; it is exact once the iteration has finished.
+  so batch counts never change (a sha256 mismatch is only logged). `loader.skipped` counts them for
+  this rank: a shared counter that DataLoader worker processes add to; it is exact once the
+  iteration has finished.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 import math
@@ -67,9 +80,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.utils.data
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from pipeline.data.decode import SampleDecoder
+from pipeline.data.device import DeviceNormalizer, default_device
 from pipeline.data.manifest import Manifest, load_manifest, manifest_digest  # noqa: F401 (re-exported)
-from pipeline.data.shardio import image_ext, iter_tar_samples, short_reason
+from pipeline.data.read import ShardDigestError, ShardReadError, ShardSource, shard_samples
+from pipeline.data.shardio import image_ext, short_reason
 from pipeline.data.transforms import ROLES, build_transform
 from pipeline.errors import PipelineError
 
@@ -86,7 +103,7 @@ def _seed(*parts: int) -> int:
 
 
 # purposes, so the derived seeds of different uses never coincide
-_SHARD_ORDER, _PASS_ORDER, _BUFFER, _SAMPLE = 1, 2, 3, 4
+_SHARD_ORDER, _PASS_ORDER, _BUFFER, _SAMPLE, _ERASE = 1, 2, 3, 4, 5
 
 
 # --------------------------------------------------------------------------- epoch planning (pure)
@@ -226,7 +243,13 @@ class _RngGuard:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """The IterableDataset behind the loader; yields whole batches. Picklable for DataLoader workers."""
+    """The IterableDataset behind the loader; yields whole uint8 batches. Picklable for DataLoader workers.
+
+    Each reader's samples come from a webdataset pipeline (`_train_items` / `_eval_items`): its shards
+    for this epoch (our dealing) -> webdataset's tar reader and grouping with the sha256 check
+    (pipeline.data.read) -> webdataset's shuffle buffer with a seeded rng (train). Decoding,
+    augmentation and batching follow, with positions counted for seeding and exact resume.
+    """
 
     def __init__(
         self,
@@ -243,10 +266,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         augment: Mapping[str, Any] | None,
         on_error: str,
         shuffle_buffer: int,
-        with_keys: bool = False,
+        shard_sha256: list[str | None] | None = None,
+        decode: str = "cpu",
     ):
         self.urls = urls
         self.shard_samples = shard_samples
+        self.shard_sha256 = shard_sha256 or [None] * len(urls)
         self.role = role
         self.batch_size = batch_size
         self.img_size = img_size
@@ -257,11 +282,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.augment = dict(augment or {})
         self.on_error = on_error
         self.shuffle_buffer = shuffle_buffer
-        self.with_keys = with_keys
+        self.decode = decode
         self.epoch = 0
         self.start_batch = 0
         self.counter = _SkipCounter()
-        self._transform: Callable[[Any], Any] | None = None
+        self._decoder: Any = None
         self._counting = True
 
     # ----------------------------------------------------------------- plan
@@ -279,7 +304,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     # ----------------------------------------------------------------- iteration
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
         info = torch.utils.data.get_worker_info()
         worker = 0 if info is None else info.id
         if info is not None and info.num_workers != max(self.num_workers, 1):
@@ -290,36 +315,51 @@ class ShardStream(torch.utils.data.IterableDataset):
         # whose batch comes next, so the resumed order continues the uninterrupted one.
         worker = (worker + next_worker) % len(plans)
         skip = done[worker]
-        if self._transform is None:
-            self._transform = build_transform(self.role, self.img_size, self.augment)
+        if self._decoder is None:
+            self._decoder = self._make_decoder()
         yield from self._batches(plans[worker], worker, skip, main_process=info is None)
 
-    def _batches(self, plan: ReaderPlan, worker: int, skip: int, main_process: bool) -> Iterator[tuple[Any, Any]]:
+    def _make_decoder(self) -> Any:
+        if self.decode == "gpu":
+            from pipeline.data.gpu_decode import GeometrySampler
+
+            return GeometrySampler(self.role, self.img_size, self.augment)
+        return SampleDecoder(self.role, self.img_size, self.augment)
+
+    def _batches(self, plan: ReaderPlan, worker: int, skip: int, main_process: bool) -> Iterator[tuple[Any, ...]]:
         items = self._eval_items(plan) if self.role == "eval" else self._train_items(plan, worker)
         position = 0
         self._counting = False
         for _ in range(skip * self.batch_size):  # resume: consume what earlier batches used
-            position = self._skip_one(items, position)
+            position = self._skip_one(items, worker, position, main_process)
         self._counting = True
         for _ in range(plan.batches - skip):
-            images, labels, keys = [], [], []
+            samples, labels, keys = [], [], []
             while len(labels) < self.batch_size:
-                image, label, key = self._next_ready(items, worker, position, main_process)
+                sample, label, key = self._next_ready(items, worker, position, main_process)
                 position += 1
-                images.append(image)
+                samples.append(sample)
                 labels.append(label)
                 keys.append(key)
-            # default_collate stacks straight into shared memory inside a worker: no extra copy on hand-off
-            batch = (torch.utils.data.default_collate(images), torch.tensor(labels, dtype=torch.long))
-            yield (*batch, keys) if self.with_keys else batch
+            yield self._collate(samples, labels, keys)
 
-    def _skip_one(self, items: Iterator[_Raw | None], position: int) -> int:
+    def _collate(self, samples: list[Any], labels: list[int], keys: list[str]) -> tuple[Any, ...]:
+        # stacked inside the worker, straight into shared memory: no extra copy on hand-off
+        targets = torch.tensor(labels, dtype=torch.long)
+        boxes = torch.stack([boxes for _, boxes in samples])
+        if self.decode == "gpu":
+            from pipeline.data.gpu_decode import collate_payloads
+
+            return (*collate_payloads([payload for payload, _ in samples]), targets, boxes, keys)
+        return torch.stack([image for image, _ in samples]), targets, boxes, keys
+
+    def _skip_one(self, items: Iterator[_Raw | None], worker: int, position: int, main_process: bool) -> int:
         if self.role == "eval" or self.on_error == "raise":
             next(items)
             return position + 1
         while True:  # train with on_error="skip": only decodable samples took a position
             raw = next(items)
-            if raw is not None and self._decode(raw, quiet=True) is not None:
+            if raw is not None and self._sample(raw, worker, position, main_process, quiet=True, finish=False):
                 return position + 1
 
     def _next_ready(
@@ -327,32 +367,55 @@ class ShardStream(torch.utils.data.IterableDataset):
     ) -> tuple[Any, int, str]:
         while True:
             raw = next(items)
-            decoded = None if raw is None else self._decode(raw)
-            if decoded is not None:
-                return self._augment(decoded[0], worker, position, main_process), decoded[1], raw.key
+            done = None if raw is None else self._sample(raw, worker, position, main_process)
+            if done is not None:
+                sample, label = done
+                return sample, label, raw.key
             if self.role == "eval":
                 return self._pad(), -1, ""
             # train with on_error="skip": the next sample takes this position
 
     def _pad(self) -> Any:
-        return torch.zeros(3, self.img_size, self.img_size)
+        boxes = torch.zeros(self._decoder.erase_slots, 4, dtype=torch.int32)
+        if self.decode == "gpu":
+            return self._decoder.pad(), boxes
+        return torch.zeros(3, self.img_size, self.img_size, dtype=torch.uint8), boxes
 
-    def _augment(self, image: Any, worker: int, position: int, main_process: bool) -> Any:
-        assert self._transform is not None
+    # ----------------------------------------------------------------- decoding, augmentation, errors
+
+    def _sample(
+        self, raw: _Raw, worker: int, position: int, main_process: bool, quiet: bool = False, finish: bool = True
+    ) -> Any:
+        """(uint8 image + erase boxes, label) for the sample at `position`, None if it cannot be decoded.
+
+        Every random draw (crop box, flip, RandAugment, erase boxes) is seeded from the position,
+        so the result depends on (seed, epoch, rank, worker, position) only. finish=False: only
+        whether it decodes.
+        """
         sample_seed = _seed(_SAMPLE, self.seed, self.epoch, self.rank, worker, position)
         if main_process:
             with _RngGuard():
-                return self._seeded_transform(image, sample_seed)
-        return self._seeded_transform(image, sample_seed)
+                return self._seeded_sample(raw, sample_seed, quiet, finish)
+        return self._seeded_sample(raw, sample_seed, quiet, finish)
 
-    def _seeded_transform(self, image: Any, sample_seed: int) -> Any:
-        assert self._transform is not None
+    def _seeded_sample(self, raw: _Raw, sample_seed: int, quiet: bool, finish: bool) -> Any:
         random.seed(sample_seed)
         np.random.seed(sample_seed % 2**32)
         torch.default_generator.manual_seed(sample_seed)  # CPU only: leaves CUDA generators alone
-        return self._transform(image)
-
-    # ----------------------------------------------------------------- decoding and errors
+        decoder = self._decoder
+        try:
+            ext = image_ext(raw.sample)
+            if ext is None or "cls" not in raw.sample:
+                raise ValueError(f"sample has no image or no .cls ({sorted(raw.sample)})")
+            label = int(raw.sample["cls"])
+            data = raw.sample[ext]
+            cropped = decoder.decode_crop(decoder.open(data), data)
+        except Exception as exc:
+            self._fail(f"{raw.url}: sample {raw.key!r}: cannot decode: {short_reason(exc)}", quiet=quiet)
+            return None
+        if not finish:
+            return True
+        return decoder.finish(cropped), label
 
     def _fail(self, message: str, count: int = 1, quiet: bool = False) -> None:
         if self.on_error == "raise":
@@ -362,83 +425,75 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self._counting:
             self.counter.add(count)
 
-    def _decode(self, raw: _Raw, quiet: bool = False) -> tuple[Any, int] | None:
-        from PIL import Image
-
-        try:
-            ext = image_ext(raw.sample)
-            if ext is None or "cls" not in raw.sample:
-                raise ValueError(f"sample has no image or no .cls ({sorted(raw.sample)})")
-            label = int(raw.sample["cls"])
-            with Image.open(io.BytesIO(raw.sample[ext])) as image:
-                return image.convert("RGB"), label
-        except Exception as exc:
-            self._fail(f"{raw.url}: sample {raw.key!r}: cannot decode: {short_reason(exc)}", quiet=quiet)
-            return None
-
     # ----------------------------------------------------------------- raw sample streams
 
-    def _read_unit(self, unit: Unit) -> Iterator[_Raw]:
-        """The unit's samples in shard order; a truncated/unreadable shard is raised or skipped."""
-        import fsspec
+    def _read_unit(self, unit: Unit, limit: int | None = None) -> Iterator[_Raw]:
+        """The unit's samples in shard order (at most `limit`; the rest is still read for the sha256).
 
-        url = self.urls[unit.shard]
+        A truncated/unreadable shard or a sha256 that differs from the manifest's is raised
+        (on_error="raise") or logged and skipped.
+        """
+        source = ShardSource(self.urls[unit.shard], self.shard_sha256[unit.shard], self.shard_samples[unit.shard])
         expected = unit.size(self.shard_samples)
         delivered = 0
         last_key = None
         try:
-            with fsspec.open(url, "rb") as fh:
-                for index, sample in enumerate(iter_tar_samples(fh, url)):
-                    last_key = sample["__key__"]
-                    if index % unit.parts == unit.part:
-                        delivered += 1
-                        yield _Raw(url, last_key, sample)
-        except GeneratorExit:
-            raise
-        except Exception as exc:
-            where = f"after sample {last_key!r}" if last_key else "at the start"
-            self._fail(
-                f"{url}: corrupt or truncated shard {where}: {short_reason(exc)}",
-                count=max(expected - delivered, 0),
-            )
+            for index, sample in enumerate(shard_samples(source)):
+                last_key = sample["__key__"]
+                if index % unit.parts == unit.part and (limit is None or delivered < limit):
+                    delivered += 1
+                    yield _Raw(source.url, last_key, sample)
+        except ShardReadError as exc:
+            self._fail(str(exc), count=max(expected - delivered, 0))
+            return
+        except ShardDigestError as exc:
+            self._fail(str(exc), count=0)  # its samples were used; "skip" only warns
             return
         if delivered < expected:
             self._fail(
-                f"{url}: shard ends after {delivered} of {expected} samples (last {last_key!r})",
+                f"{source.url}: shard ends after {delivered} of {expected} samples (last {last_key!r})",
                 count=expected - delivered,
             )
 
+    def _read_units(self, units: Iterator[Unit]) -> Iterator[_Raw]:
+        """Pipeline stage: units -> their samples (webdataset's reader, pipeline.data.read)."""
+        for unit in units:
+            yield from self._read_unit(unit)
+
     def _train_items(self, plan: ReaderPlan, worker: int) -> Iterator[_Raw | None]:
+        import webdataset as wds
+
         reader = self.rank * max(self.num_workers, 1) + worker
-
-        def one_pass(units: list[Unit]) -> Iterator[_Raw]:
-            for unit in units:
-                yield from self._read_unit(unit)
-
-        def passes() -> Iterator[Iterator[_Raw]]:
-            # every pass is shuffled and flushed on its own, so an epoch covers each sample before repeating
-            units = list(plan.units)
-            for pass_index in itertools.count():
-                if pass_index:
-                    random.Random(_seed(_PASS_ORDER, self.seed, self.epoch, reader, pass_index)).shuffle(units)
-                counted = _Counted(one_pass(units))
-                yield counted
-                if counted.n == 0:
-                    shards = [self.urls[u.shard] for u in units]
-                    raise PipelineError(f"reader {reader}: shards {shards} yield no readable samples")
-
         rng = random.Random(_seed(_BUFFER, self.seed, self.epoch, reader))
-        for pass_items in passes():
-            yield from _shuffle_buffer(pass_items, self.shuffle_buffer, rng)
+        units = list(plan.units)
+        # every pass is shuffled and flushed on its own, so an epoch covers each sample before repeating
+        for pass_index in itertools.count():
+            if pass_index:
+                random.Random(_seed(_PASS_ORDER, self.seed, self.epoch, reader, pass_index)).shuffle(units)
+            counted = _Counted()
+            yield from wds.DataPipeline(
+                _source(units),  # this reader's shards for the pass (dealt by plan_epoch)
+                self._read_units,  # webdataset tar reader + grouping, sha256 check, on_error
+                counted,
+                wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng),
+            )
+            if counted.n == 0:
+                shards = [self.urls[u.shard] for u in units]
+                raise PipelineError(f"reader {reader}: shards {shards} yield no readable samples")
 
     def _eval_items(self, plan: ReaderPlan) -> Iterator[_Raw | None]:
+        import webdataset as wds
+
+        return iter(wds.DataPipeline(_source(plan.units), lambda units: self._eval_stage(units, plan)))
+
+    def _eval_stage(self, units: Iterator[Unit], plan: ReaderPlan) -> Iterator[_Raw | None]:
+        """Pipeline stage: units -> exactly the manifest's count per unit (padding where samples were
+        lost), then padding to the plan's full batches."""
         emitted = 0
-        for unit in plan.units:
+        for unit in units:
             expected = unit.size(self.shard_samples)
             got = 0
-            for raw in self._read_unit(unit):
-                if got == expected:  # more samples than the manifest says: ignore the extra ones
-                    break
+            for raw in self._read_unit(unit, limit=expected):  # more than the manifest says: extras ignored
                 got += 1
                 yield raw
             emitted += expected
@@ -448,29 +503,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield _PAD
 
 
-def _shuffle_buffer(items: Iterator[_Raw], size: int, rng: random.Random) -> Iterator[_Raw]:
-    """Bounded-buffer shuffle of a finite stream (flushed at its end)."""
-    buffer: list[_Raw] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        slot = rng.randrange(size)
-        yield buffer[slot]
-        buffer[slot] = item
-    rng.shuffle(buffer)
-    yield from buffer
+def _source(units: Any) -> Callable[[], Iterator[Unit]]:
+    """A DataPipeline source over a fixed list (a bare list would be taken as a list of stages)."""
+    frozen = list(units)
+    return lambda: iter(frozen)
 
 
 class _Counted:
-    """Wraps an iterator and counts what it yielded."""
+    """Pipeline stage that passes items through and counts them."""
 
-    def __init__(self, items: Iterator[_Raw]):
-        self.items = items
+    def __init__(self) -> None:
         self.n = 0
 
-    def __iter__(self) -> Iterator[_Raw]:
-        for item in self.items:
+    def __call__(self, items: Iterator[_Raw]) -> Iterator[_Raw]:
+        for item in items:
             self.n += 1
             yield item
 
@@ -479,13 +525,43 @@ class _Counted:
 
 
 class ShardLoader:
-    """A torch DataLoader over a ShardStream with exact per-rank epoch length and resume."""
+    """A torch DataLoader over a ShardStream with exact per-rank epoch length and resume.
 
-    def __init__(self, manifest: Manifest, stream: ShardStream, num_workers: int, pin_memory: bool):
+    Workers hand over uint8 batches; this side (the training process) moves them to `device`,
+    normalises them there and applies random erasing (device.py), as timm's PrefetchLoader does;
+    with decode="gpu" it also decodes and crops them there (gpu_decode.py).
+    """
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        stream: ShardStream,
+        num_workers: int,
+        pin_memory: bool,
+        device: torch.device,
+        with_keys: bool = False,
+    ):
+        from pipeline.data.transforms import transform_options
+
         self.manifest = manifest
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.device = device
+        self.with_keys = with_keys
+        options = transform_options(stream.role, stream.augment)
+        self.normalize = DeviceNormalizer(
+            options.get("mean") or IMAGENET_DEFAULT_MEAN,
+            options.get("std") or IMAGENET_DEFAULT_STD,
+            device,
+            erase_mode=str(options.get("re_mode") or "const"),
+            pad_to_zero=stream.role == "eval",
+        )
+        self.gpu_decoder = None
+        if stream.decode == "gpu":
+            from pipeline.data.gpu_decode import GpuDecoder
+
+            self.gpu_decoder = GpuDecoder(stream.img_size, device)
 
     @property
     def classes(self) -> list[str]:
@@ -502,6 +578,10 @@ class ShardLoader:
     @property
     def start_batch(self) -> int:
         return self.stream.start_batch
+
+    @property
+    def decode(self) -> str:
+        return self.stream.decode
 
     @property
     def batches_per_epoch(self) -> int:
@@ -523,10 +603,11 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch - self.stream.start_batch
 
-    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+    def raw_batches(self) -> Iterator[tuple[Any, ...]]:
+        """What the workers hand over: (uint8 images, labels, erase boxes, keys); decode="gpu": the
+        encoded payload, offsets and crop geometry instead of the images."""
         self.stream.counter.reset()
-        expected = len(self)
-        if expected == 0:
+        if len(self) == 0:
             return
         loader = torch.utils.data.DataLoader(
             self.stream,
@@ -538,10 +619,23 @@ class ShardLoader:
             # advance the caller's global torch RNG (our samples are seeded explicitly anyway)
             generator=torch.Generator().manual_seed(self.stream.seed),
         )
+        yield from loader
+
+    def __iter__(self) -> Iterator[tuple[Any, ...]]:
+        expected = len(self)
         count = 0
-        for batch in loader:
+        stream = self.stream
+        for batch in self.raw_batches():
+            if self.gpu_decoder is not None:
+                payload, offsets, geometry, labels, boxes, keys = batch
+                images = self.gpu_decoder(payload, offsets, geometry)
+            else:
+                images, labels, boxes, keys = batch
+            # erase noise seeded per batch: a resumed epoch fills its boxes with the same values
+            batch_seed = _seed(_ERASE, stream.seed, stream.epoch, stream.rank, stream.start_batch + count)
+            images = self.normalize(images, labels, boxes, batch_seed)
             count += 1
-            yield batch
+            yield (images, labels, keys) if self.with_keys else (images, labels)
         if count != expected:
             raise RuntimeError(f"loader yielded {count} batches, planned {expected} (a bug in pipeline.data.stream)")
 
@@ -561,10 +655,14 @@ def build_loader(
     augment: Mapping[str, Any] | None = None,
     on_error: str = "raise",
     shuffle_buffer: int = 1000,
-    pin_memory: bool = False,
+    pin_memory: bool | None = None,
     with_keys: bool = False,
+    device: torch.device | str | None = None,
+    decode: str = "cpu",
 ) -> ShardLoader:
     """The loader for one rank; see the module docstring for the semantics."""
+    from pipeline.data.gpu_decode import choose_decode
+
     if role not in ROLES:
         raise PipelineError(f"unknown data role {role!r}; use one of {', '.join(ROLES)}")
     if on_error not in ON_ERROR:
@@ -578,6 +676,8 @@ def build_loader(
         raise PipelineError(f"rank {rank} is not in 0..{world_size - 1}")
     manifest = load_manifest(manifest_url)
     build_transform(role, img_size, augment)  # fail early, in the caller, on bad augment options
+    device = torch.device(device) if device is not None else default_device()
+    decode = choose_decode(decode, role, augment, device)
     stream = ShardStream(
         manifest.shard_urls(),
         [shard.samples for shard in manifest.shards],
@@ -591,8 +691,10 @@ def build_loader(
         augment=augment,
         on_error=on_error,
         shuffle_buffer=shuffle_buffer,
-        with_keys=with_keys,
+        shard_sha256=[shard.sha256 for shard in manifest.shards],
+        decode=decode,
     )
-    loader = ShardLoader(manifest, stream, num_workers, pin_memory)
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    loader = ShardLoader(manifest, stream, num_workers, pin, device, with_keys=with_keys)
     loader.set_epoch(epoch, start_batch)
     return loader

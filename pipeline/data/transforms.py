@@ -85,10 +85,16 @@ def _patch_timm_posterize() -> None:
             auto_augment.NAME_TO_OP[name] = _posterize_any_bits
 
 
-def build_transform(role: str, img_size: int, augment: Mapping[str, Any] | None = None) -> Callable[[Any], Any]:
-    """PIL RGB image -> normalised float tensor [3, img_size, img_size]."""
+def build_transform(
+    role: str, img_size: int, augment: Mapping[str, Any] | None = None, *, use_prefetcher: bool = False
+) -> Callable[[Any], Any]:
+    """PIL RGB image -> normalised float tensor [3, img_size, img_size] (with random erasing for train).
+
+    use_prefetcher=True: timm's split for a device-side PrefetchLoader: the transform ends in a uint8
+    tensor, and normalisation plus random erasing are left to the device (pipeline.data.device).
+    """
     from timm.data import create_transform
 
     _patch_timm_posterize()
     options = transform_options(role, augment)
-    return create_transform(img_size, is_training=role != "eval", **options)
+    return create_transform(img_size, is_training=role != "eval", use_prefetcher=use_prefetcher, **options)

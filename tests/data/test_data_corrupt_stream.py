@@ -65,7 +65,8 @@ def damaged(clean_shards: Path, tmp_path: Path) -> dict[str, object]:
     last_good = shard_keys(dest / "train-000002.tar")[1]
     break_image(dest / "train-000001.tar", bad_key)
     truncate_inside(dest / "train-000002.tar", cut_key)
-    return {"url": str(dest / "train.manifest.json"), "dir": dest, "bad_key": bad_key, "last_good": last_good}
+    return {"url": str(dest / "train.manifest.json"), "dir": dest, "clean": clean_shards, "bad_key": bad_key,
+            "last_good": last_good}
 
 
 def eval_loader(url: str, **kwargs):
@@ -82,8 +83,8 @@ def test_raise_names_shard_and_key_for_an_undecodable_image(damaged: dict) -> No
 
 
 def test_raise_names_shard_and_last_key_for_a_truncated_tar(damaged: dict) -> None:
-    (damaged["dir"] / "train-000001.tar").unlink()
-    shutil.copy(damaged["dir"] / "train-000000.tar", damaged["dir"] / "train-000001.tar")  # decodable again
+    # shard 1 back to its written bytes (a copy of another shard would now fail its sha256 check first)
+    shutil.copy(damaged["clean"] / "train-000001.tar", damaged["dir"] / "train-000001.tar")
     expected = rf"train-000002\.tar: corrupt or truncated shard after sample '{damaged['last_good']}'"
     with pytest.raises(PipelineError, match=expected):
         list(eval_loader(damaged["url"]))

@@ -1,0 +1,74 @@
+"""The training-device half of the loader, as timm's PrefetchLoader: uint8 -> normalised float there.
+
+    normalize = DeviceNormalizer(mean, std, device, erase_mode="pixel", pad_to_zero=False)
+    images = normalize(uint8_images, labels, boxes, batch_seed)   # float32 [B, 3, S, S] on `device`
+
+DataLoader workers hand over uint8 images (a quarter of float32's bytes between processes and to
+the GPU); here they are moved to the device, normalised with (x - 255 mean) / (255 std) and erased
+after normalisation in the boxes the workers drew with timm RandomErasing's parameters and random
+calls (decode.EraseBoxes). The fill follows timm's modes: "const" zeros, "rand" one normal colour per
+box, "pixel" normal noise per pixel; the noise comes from a generator seeded per batch, so a resumed
+epoch erases with the same values and no global RNG (CPU or CUDA) is touched. Eval padding (label -1)
+is zero after normalisation, as before the split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def default_device() -> torch.device:
+    """The training device of this process: its current CUDA device, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class DeviceNormalizer:
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device,
+        *,
+        erase_mode: str = "const",
+        pad_to_zero: bool = False,
+    ):
+        self.device = device
+        self.mean = torch.tensor([255 * m for m in mean], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor([255 * s for s in std], device=device).view(1, -1, 1, 1)
+        self.erase_mode = erase_mode
+        self.pad_to_zero = pad_to_zero
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, batch_seed: int
+    ) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        if boxes.numel() and bool(boxes[..., 2].any()):  # boxes are CPU tensors: no device sync here
+            images = self.erase(images, boxes.to(self.device, non_blocking=True), batch_seed)
+        if self.pad_to_zero:
+            pad = (labels < 0).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
+            images = images.masked_fill_(pad, 0.0)
+        return images
+
+    def erase(self, images: torch.Tensor, boxes: torch.Tensor, batch_seed: int) -> torch.Tensor:
+        """Fill boxes [B, slots, 4] (top, left, height, width; height 0 = unused) in place."""
+        batch, channels, height, width = images.shape
+        generator = torch.Generator(device=self.device).manual_seed(batch_seed)
+        rows = torch.arange(height, device=self.device).view(1, height)
+        cols = torch.arange(width, device=self.device).view(1, width)
+        for slot in range(boxes.shape[1]):
+            top, left, box_h, box_w = (boxes[:, slot, k].view(batch, 1) for k in range(4))
+            inside_rows = (rows >= top) & (rows < top + box_h)  # [B, H]
+            inside_cols = (cols >= left) & (cols < left + box_w)  # [B, W]
+            mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)  # [B, 1, H, W]
+            if self.erase_mode == "pixel":
+                fill = torch.randn(images.shape, generator=generator, device=self.device)
+            elif self.erase_mode == "rand":
+                fill = torch.randn((batch, channels, 1, 1), generator=generator, device=self.device)
+            else:
+                fill = torch.zeros((), device=self.device)
+            images = torch.where(mask, fill, images)
+        return images
