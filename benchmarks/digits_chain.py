@@ -36,7 +36,7 @@ from benchmarks._report import append_section, hardware  # noqa: E402
 RECIPE: dict[str, Any] = {
     "model": {"variant": "spikformer_v2_tiny", "img_size": 32, "num_classes": 10},
     "deepspeed": {"zero_stage": 2, "precision": "auto"},
-    "data": {"num_workers": 0},
+    "data": {"loader_workers": 0},
     "stages": {
         "pretrain": {
             "epochs": 30, "batch_size": 32, "T": 1, "mask_ratio": 0.5,

@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("pipeline.commands.run", "run a job's stages on Ray (RAY_ADDRESS, else a local Ray)"),
     "plan": ("pipeline.commands.plan", "print the stage graph, fingerprints and what would be skipped"),
     "submit": ("pipeline.commands.submit", "submit a job to a Ray cluster as a Ray job"),
+    "local": ("pipeline.commands.local", "run a job's stages in processes started by torchrun / accelerate launch"),
     "shards": ("pipeline.data.cli", "write, or verify, WebDataset shards from an image source"),
 }
 

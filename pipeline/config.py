@@ -44,8 +44,16 @@ class DataSettings(Settings):
     train: str | None = Field(None, description="manifest URL of the labelled training split")
     val: str | None = Field(None, description="manifest URL of the validation split")
     pretrain: str | None = Field(None, description="manifest URL for SSL pretraining; default: train")
-    num_workers: int = Field(2, ge=0, description="DataLoader workers per training process")
+    loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training process")
     on_error: Literal["raise", "skip"] = "raise"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "num_workers" in data:
+            raise ValueError("data.num_workers was renamed data.loader_workers (DataLoader processes per "
+                             "training process; scaling.num_workers is the number of training workers)")
+        return data
 
     @model_validator(mode="after")
     def _need_a_source(self) -> DataSettings:
@@ -143,7 +151,9 @@ class EmaSettings(Settings):
 class FinetuneSettings(LoopSettings):
     enabled: bool = True
     init: Literal["pretrain", "scratch"] | str = Field(
-        "pretrain", description="'pretrain' (the upstream stage's export), 'scratch', or a safetensors URL"
+        "pretrain",
+        description="'pretrain' (this job's pretrain export), 'scratch', an export folder or .safetensors URL, "
+        "runs:/<run_id>/export, models:/<name>/<version>, models:/<name>@<alias>, or job:<job name>",
     )
     label_fraction: float = Field(1.0, gt=0, le=1, description="use this fraction of train labels")
     drop_path: float = Field(0.1, ge=0, lt=1)
@@ -162,7 +172,9 @@ class EvaluateSettings(Settings):
     split: Literal["val", "train"] = "val"
     energy_batches: int = Field(4, ge=1, description="batches used for firing rates / energy")
     export: str | None = Field(
-        None, description="classifier export URL to evaluate; default: the finetune output"
+        None,
+        description="classifier to evaluate: an export folder URL, runs:/<run_id>/export, models:/<name>/<version>, "
+        "models:/<name>@<alias> or job:<job name>; default: this job's finetune export",
     )
 
 
@@ -197,14 +209,6 @@ class RaySettings(Settings):
     runtime_env: dict[str, Any] = {}
 
 
-class TestHooks(Settings):
-    """Fault injection for tests: kill one worker process of a stage at a given step (once)."""
-
-    kill_stage: str | None = None
-    kill_rank: int = 0
-    kill_at_step: int | None = None
-
-
 class JobConfig(Settings):
     name: str
     output_root: str = Field("outputs", description="fsspec URL where stage outputs go")
@@ -216,7 +220,6 @@ class JobConfig(Settings):
     scaling: ScalingSettings = ScalingSettings()
     mlflow: MlflowSettings = MlflowSettings()
     ray: RaySettings = RaySettings()
-    test_hooks: TestHooks = TestHooks()
 
 
 # =========================================================================== loading
@@ -235,7 +238,7 @@ MLFLOW_MAX_PARAM_LENGTH = 6000
 def load_job(path_or_url: str | os.PathLike[str], overrides: Sequence[str] = ()) -> JobConfig:
     """Read, override, interpolate and validate one job spec; raise PipelineError on any problem."""
     label = str(path_or_url)
-    raw = _read_yaml_mapping(label)
+    raw = _read_composed(label, ())
     for override in overrides:
         _apply_override(raw, override, label)
     raw = _interpolate_env(raw, label, ())
@@ -294,6 +297,48 @@ def _read_yaml_mapping(label: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise PipelineError(f"{label}: top level must be a mapping of job settings, got {type(raw).__name__}")
     return raw
+
+
+# --------------------------------------------------------------------------- composition (base:)
+
+
+def _read_composed(label: str, chain: tuple[str, ...]) -> dict[str, Any]:
+    """A spec with `base: other.yaml` (relative to the spec) is the base, deep-merged with its own keys."""
+    raw = _read_yaml_mapping(label)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base.strip():
+        raise PipelineError(f"{label}: base: expected the path of another job spec, got {base!r}")
+    base_label = _relative_to(label, base)
+    if _same_file(base_label, (*chain, label)):
+        cycle = " -> ".join([*chain, label, base_label])
+        raise PipelineError(f"{label}: base: composition cycle {cycle}")
+    return _deep_merge(_read_composed(base_label, (*chain, label)), raw)
+
+
+def _relative_to(label: str, path: str) -> str:
+    if "://" in path or os.path.isabs(path):
+        return path
+    if "://" in label:
+        return label.rsplit("/", 1)[0] + "/" + path
+    return os.path.normpath(os.path.join(os.path.dirname(label), path))
+
+
+def _same_file(label: str, others: Iterable[str]) -> bool:
+    key = label if "://" in label else os.path.realpath(label)
+    return any(key == (o if "://" in o else os.path.realpath(o)) for o in others)
+
+
+def _deep_merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value (lists included) in `own` replaces the base's."""
+    merged = dict(base)
+    for key, value in own.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 # --------------------------------------------------------------------------- ${ENV} interpolation

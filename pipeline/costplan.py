@@ -37,7 +37,6 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 IMAGENET_SAMPLES = {"train": 1_281_167, "eval": 50_000, "pretrain": 1_281_167}
-STAGE_ROLE = {"pretrain": "pretrain", "finetune": "train", "evaluate": "eval"}
 TRAIN_FORWARD_MULTIPLE = 3  # forward + backward (2x forward)
 
 
@@ -101,23 +100,23 @@ class ModelCost:
 
 
 def build_stage_model(job: JobConfig, stage: str) -> torch.nn.Module:
-    """The module the stage trains (MIM model for pretrain, classifier otherwise), on the meta device."""
-    from pipeline.stages.finetune import build_classifier
-    from pipeline.stages.pretrain import build_mim
+    """The module the stage trains or runs (the stage table's builder), on the meta device."""
+    from pipeline.stages.table import STAGES
 
     with torch.device("meta"):
-        if stage == "pretrain":
-            return build_mim(job, job.stages.pretrain)
-        settings = job.stages.finetune
-        if stage == "evaluate":
-            settings = settings.model_copy(update={"T": stage_T(job, stage)})
-        return build_classifier(job, settings)
+        return STAGES[stage].build_model(job)
+
+
+def _trains(stage: str) -> bool:
+    from pipeline.stages.table import STAGES
+
+    return STAGES[stage].trains
 
 
 def stage_T(job: JobConfig, stage: str) -> int:
-    if stage == "evaluate":
-        return job.stages.evaluate.T or job.stages.finetune.T
-    return getattr(job.stages, stage).T
+    from pipeline.stages.table import STAGES
+
+    return STAGES[stage].T(job)
 
 
 def measure_model(job: JobConfig, stage: str) -> ModelCost:
@@ -136,7 +135,7 @@ def measure_model(job: JobConfig, stage: str) -> ModelCost:
         trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         encoder_macs=encoder_macs,
         decoder_macs=decoder_macs,
-        activation_bytes_per_image=saved_activation_bytes(model, job.model.img_size) if stage != "evaluate" else 0,
+        activation_bytes_per_image=saved_activation_bytes(model, job.model.img_size) if _trains(stage) else 0,
     )
 
 
@@ -185,9 +184,9 @@ class DatasetInfo:
 
 def dataset_info(job: JobConfig, role: str) -> DatasetInfo:
     from pipeline.data.manifest import load_manifest
-    from pipeline.orchestrate import dataset_manifests
+    from pipeline.runner.datasets import resolve_datasets
 
-    url = dataset_manifests(job, build=False).get(role)
+    url = resolve_datasets(job, build=False).manifests.get(role)
     if url is not None:
         try:
             manifest = load_manifest(url)
@@ -245,14 +244,17 @@ class StageCost:
 
 
 def plan_stage(job: JobConfig, stage: str, cluster: Cluster) -> StageCost:
+    from pipeline.stages.table import STAGES
+
+    spec = STAGES[stage]
     model = measure_model(job, stage)
-    data = dataset_info(job, STAGE_ROLE[stage])
-    T = stage_T(job, stage)
+    data = dataset_info(job, spec.roles(job)[0])
+    T = spec.T(job)
     world = cluster.gpus
     forward = 2.0 * (model.encoder_macs * T + model.decoder_macs)
     notes: list[str] = []
-    if stage == "evaluate":
-        settings = job.stages.evaluate
+    if not spec.trains:
+        settings = spec.settings(job)
         micro, accum, global_batch, epochs = settings.batch_size, 1, settings.batch_size * world, 1.0
         steps = None if data.samples is None else math.ceil(data.samples / global_batch)
         per_image, images = forward, data.samples
@@ -287,7 +289,7 @@ def plan_stage(job: JobConfig, stage: str, cluster: Cluster) -> StageCost:
         stage=stage, T=T, model=model, data=data, world_size=world, micro_batch=micro, accum=accum,
         global_batch=global_batch,
         epochs=epochs, steps=steps, precision=precision,
-        zero_stage=None if stage == "evaluate" else job.deepspeed.zero_stage,
+        zero_stage=job.deepspeed.zero_stage if spec.trains else None,
         forward_flops_per_image=forward, flops_per_image=per_image, total_flops=total,
         gpu_hours=None if wall is None else wall * cluster.gpus, wall_hours=wall,
         states=states, activation_bytes=activations, checkpoint_bytes=checkpoint, export_bytes=export, notes=notes,
@@ -342,7 +344,7 @@ def format_costs(costs: list[StageCost], cluster: Cluster) -> str:
                      + (f", ZeRO-{c.zero_stage}" if c.zero_stage is not None else "") + ")")
         rows = [
             ("parameters", f"{c.model.params:,}"
-             + ("" if c.stage == "evaluate" else f" ({c.model.trainable:,} trained)")),
+             + ("" if not _trains(c.stage) else f" ({c.model.trainable:,} trained)")),
             ("samples per epoch", f"{c.data.samples:,}  [{c.data.source}]" if c.data.samples else c.data.source),
             ("shards", "?" if c.data.shards is None else f"{c.data.shards:,}, {_gib(c.data.bytes)}"),
             ("global batch", f"{c.global_batch:,} = {c.micro_batch} per GPU x {c.world_size} GPU(s)"
@@ -352,7 +354,7 @@ def format_costs(costs: list[StageCost], cluster: Cluster) -> str:
             ("model MACs/image/T", f"{_si(c.model.encoder_macs)} (encoder)"
              + (f" + {_si(c.model.decoder_macs)} (decoder, once)" if c.model.decoder_macs else "")),
             ("FLOPs/image", f"forward {_si(c.forward_flops_per_image)}"
-             + ("" if c.stage == "evaluate" else f", training {_si(c.flops_per_image)}")),
+             + ("" if not _trains(c.stage) else f", training {_si(c.flops_per_image)}")),
             ("total FLOPs", _si(c.total_flops)),
             ("GPU-hours", "?" if c.gpu_hours is None else f"{c.gpu_hours:,.{0 if c.gpu_hours >= 10 else 2}f}"),
             ("wall time", _hours(c.wall_hours)),

@@ -132,9 +132,9 @@ def read_export(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def export_digest(url: str) -> str:
-    """sha256 of the export's weights file: identifies the model in lineage records."""
+    """sha256 of the export's weights file (or of a bare .safetensors file): identifies the model."""
     fs, root = fsspec.core.url_to_fs(url)
-    path = _join(root, WEIGHTS_FILE)
+    path = root if root.endswith(".safetensors") else _join(root, WEIGHTS_FILE)
     if not fs.exists(path):
         raise PipelineError(f"{_join(url, WEIGHTS_FILE)} not found")
     sha = hashlib.sha256()
@@ -143,5 +143,3 @@ def export_digest(url: str) -> str:
             sha.update(chunk)
     return sha.hexdigest()
 
-
-load_export = read_export  # the name the engine brief uses; same function

@@ -30,6 +30,10 @@ UPSTREAM_RUN_ID = "lineage.upstream_run_id"
 UPSTREAM_ARTIFACT_URI = "lineage.upstream_artifact_uri"
 DATASET_DIGEST = "lineage.dataset_digest"
 DATASET_URL = "lineage.dataset_url"
+UPSTREAM_REFERENCE = "lineage.upstream_reference"  # what the spec said (runs:/..., models:/..., job:...)
+# set on a finished stage run: where its export lives and the sha256 of its weights (stage caching)
+EXPORT_URL = "pipeline.export_url"
+EXPORT_DIGEST = "pipeline.export_digest"
 # MLflow's datasets table keeps digests in a 36-character column (strict on Postgres/MySQL); the
 # full manifest digest stays in the lineage.dataset_digest tag.
 MLFLOW_DIGEST_LENGTH = 36

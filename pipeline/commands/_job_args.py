@@ -12,7 +12,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override one value of the spec, e.g. --set stages.finetune.epochs=2 (repeatable)")
     parser.add_argument("--stages", default=None, metavar="A,B",
-                        help="comma-separated subset of pretrain,finetune,evaluate (default: the enabled ones)")
+                        help="comma-separated subset of the stages (default: the enabled ones)")
 
 
 def load(args: argparse.Namespace) -> tuple[JobConfig, list[str] | None]:

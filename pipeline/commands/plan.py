@@ -21,14 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.errors import PipelineError
-    from pipeline.orchestrate import UPSTREAM, plan_job, selected_stages
+    from pipeline.runner.plan import plan_job
+    from pipeline.runner.resolve import selected_stages
+    from pipeline.stages.table import STAGES
 
     job, stages = load(args)
     print(f"job {job.name}: {job.model.variant}, {job.scaling.num_workers} worker(s), output {job.output_root}")
     if job.data.build is not None:
         print(f"  shards     build {job.data.build.source} {','.join(job.data.build.splits)} (Ray tasks)")
     for planned in plan_job(job, stages):
-        after = f" <- {UPSTREAM[planned.stage]}" if planned.stage in UPSTREAM else ""
+        upstream = STAGES[planned.stage].upstream
+        after = f" <- {upstream}" if upstream else ""
         fingerprint = planned.fingerprint[:12] if planned.fingerprint else "-" * 12
         print(f"  {planned.stage:<10} {fingerprint}  {planned.status}{after}")
     if args.no_costs:

@@ -12,10 +12,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipeline.orchestrate import run_job
+    from pipeline.runner.job import run_job
+    from pipeline.runner.ray_backend import RayBackend
 
     job, stages = load(args)
-    outcome = run_job(job, stages, job_file=args.job)
+    outcome = run_job(job, RayBackend(), stages, job_file=args.job)
     print(summary(outcome))
     return 0
 
@@ -28,10 +29,7 @@ def summary(outcome) -> str:
     evaluation = outcome.stages.get("evaluate")
     if evaluation is not None:
         m = evaluation.result.metrics
-        top1 = m.get("top1", m.get("final/top1"))
-        top5 = m.get("top5", m.get("final/top5"))
-        count = m.get("n_samples", m.get("final/n_samples"))
-        energy = m.get("energy_pj_per_image", m.get("final/energy_pj_per_image"))
+        top1, top5, count, energy = (m.get(k) for k in ("top1", "top5", "n_samples", "energy_pj_per_image"))
         if top1 is not None:
             lines.append(f"top-1 accuracy: {top1:.2%}   top-5: {top5:.2%}   over {int(count)} validation images")
         if energy is not None:

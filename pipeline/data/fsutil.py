@@ -43,8 +43,19 @@ def is_process_local(url: str) -> bool:
     return url.startswith("memory://")
 
 
-def join_url(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
+def join_url(base: str, *names: str) -> str:
+    """The one URL joiner: works the same for local paths and fsspec URLs (s3://, memory://)."""
+    return "/".join([base.rstrip("/"), *names])
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (Ray workers run in other directories); URLs stay as they are."""
+    url = url.removeprefix("file://")
+    return url if is_remote(url) else os.path.abspath(url)
 
 
 def describe_fs_error(exc: BaseException) -> str:

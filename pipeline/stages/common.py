@@ -27,7 +27,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from pipeline import checkpoint as ckpt
 from pipeline.config import AugmentSettings, JobConfig, LoopSettings
+from pipeline.data.fsutil import join_url
 from pipeline.engine import LossFn, StepOutput, TrainEngine, build_engine, init_distributed
 from pipeline.errors import PipelineError
 from pipeline.stages.context import StageContext, StageInputs
@@ -49,10 +50,6 @@ EXPORT_SUBDIR = "export"
 
 
 # --------------------------------------------------------------------------- setup
-
-
-def join_url(base: str, *names: str) -> str:
-    return "/".join([base.rstrip("/"), *names])
 
 
 def setup_distributed(ctx: StageContext) -> tuple[int, int]:
@@ -157,7 +154,7 @@ class StageTrainer:
         self.rank, self.world_size = setup_distributed(ctx)
         self.loader = build_loader(
             manifest_url, role, batch_size=settings.batch_size, img_size=job.model.img_size, rank=self.rank,
-            world_size=self.world_size, num_workers=job.data.num_workers, seed=job.seed, augment=augment,
+            world_size=self.world_size, num_workers=job.data.loader_workers, seed=job.seed, augment=augment,
             on_error=job.data.on_error,
         )
         steps_per_epoch = self.loader.batches_per_epoch // settings.grad_accum_steps
@@ -303,6 +300,37 @@ class StageTrainer:
         """The end-of-stage report, with the final checkpoint (call after the export is written)."""
         self._report({**self.last_metrics, **metrics, "step": float(self.engine.step)})
 
+    # ----------------------------------------------------------------- the stage's outputs
+
+    def export(self, config: dict[str, Any], state: dict[str, torch.Tensor] | None = None,
+               prefix: str | None = None) -> tuple[str, str]:
+        """{output_url}/export from the consolidated fp32 weights (or `state`), written by rank 0.
+        Collective; returns (url, weights sha256) on every rank."""
+        url = join_url(self.ctx.output_url, EXPORT_SUBDIR)
+        return url, self.engine.export(url, config, state=state, prefix=prefix)
+
+    def finish(self, metrics: dict[str, float], loss_title: str, images: Sequence[str] = (),
+               outputs: Sequence[str] = ()) -> None:
+        """Rank 0 publishes the loss curve, `images` and the summary metrics; every rank then makes the
+        final report (with the final checkpoint). Collective."""
+        if self.rank == 0:
+            csv_path, png_path = write_loss_curve(self.loss_curve, os.path.join(self.ctx.work_dir, "artifacts"),
+                                                  loss_title)
+            publish(self.ctx, artifacts=[csv_path], images=[png_path, *images], outputs=outputs,
+                    metrics=metrics, step=self.engine.step)
+        self.report_final(metrics)
+
+    def first_batch(self) -> Any:
+        """The first loader batch of the current epoch (e.g. to draw pictures after a resume at the end)."""
+        self.loader.set_epoch(self.epoch, 0)
+        batches = iter(self.loader)
+        try:
+            return next(batches)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
+
     # ----------------------------------------------------------------- summaries
 
     def final_loss(self) -> float:
@@ -364,6 +392,17 @@ def write_loss_curve(points: list[tuple[int, float]], folder: str, title: str) -
     return csv_path, png_path
 
 
-def put_outputs(ctx: StageContext, paths: dict[str, str]) -> dict[str, str]:
-    """Rank 0: copy local files into ctx.output_url; returns name -> URL (StageResult.artifacts)."""
-    return {name: put_file(path, join_url(ctx.output_url, os.path.basename(path))) for name, path in paths.items()}
+def publish(ctx: StageContext, *, artifacts: Sequence[str] = (), images: Sequence[str] = (),
+            outputs: Sequence[str] = (), metrics: dict[str, float] | None = None, step: int = 0) -> None:
+    """Rank 0: copy every file into ctx.output_url; log `artifacts` as files and `images` as images of
+    the stage's run (`outputs` are only copied); log `metrics` at `step`."""
+    if ctx.rank != 0:
+        return
+    for path in (*artifacts, *images, *outputs):
+        put_file(path, join_url(ctx.output_url, os.path.basename(path)))
+    for path in artifacts:
+        ctx.log_artifact(path, None)
+    for path in images:
+        ctx.log_image(path, os.path.basename(path))
+    if metrics:
+        ctx.log_metrics(metrics, step)

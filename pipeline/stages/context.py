@@ -1,7 +1,8 @@
 """What a stage function receives from whoever launched it, and what it hands back.
 
-The launcher (Ray Train worker, torchrun script, test) fills a StageContext; the stage never
-imports Ray or MLflow itself, so the same code runs everywhere. Rank 0 is the only rank whose
+The runner's backends (Ray Train workers, torchrun/accelerate processes) fill a StageContext with
+pipeline.runner.context.build_context; the stage never imports Ray or MLflow itself, so the same
+code runs everywhere. Rank 0 is the only rank whose
 `log_*` callbacks write anything.
 """
 
@@ -36,7 +37,6 @@ class StageResult:
     export_url: str | None = None
     export_digest: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)  # artifact name -> local path or URL
 
 
 @dataclass
@@ -68,6 +68,7 @@ class StageContext:
             return
         if self.fault_marker is None or os.path.exists(self.fault_marker):
             return
+        os.makedirs(os.path.dirname(self.fault_marker) or ".", exist_ok=True)
         with open(self.fault_marker, "w") as marker:
             marker.write(f"killed rank {self.rank} at step {step}\n")
         logger.warning("test hook: killing rank %d at step %d", self.rank, step)

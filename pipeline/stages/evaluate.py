@@ -28,7 +28,7 @@ from models.energy import measure_energy
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.export import read_export
-from pipeline.stages.common import manifest_url, put_outputs, setup_distributed
+from pipeline.stages.common import manifest_url, publish, setup_distributed
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     settings = job.stages.evaluate
     started = time.perf_counter()
     rank, world_size = setup_distributed(ctx)
-    export_url = settings.export or inputs.upstream_export
+    export_url = inputs.upstream_export  # the runner resolved stages.evaluate.export (or this job's finetune)
     if not export_url:
         raise PipelineError("stages.evaluate: no classifier to evaluate: set stages.evaluate.export or enable finetune")
     role = "eval" if settings.split == "val" else "train"
@@ -129,7 +129,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
 
     augment = job.stages.finetune.augment  # eval transform: the finetune recipe's crop_pct and interpolation
     loader = build_loader(data_url, "eval", batch_size=settings.batch_size, img_size=img_size, rank=rank,
-                          world_size=world_size, num_workers=job.data.num_workers, seed=job.seed,
+                          world_size=world_size, num_workers=job.data.loader_workers, seed=job.seed,
                           augment={"crop_pct": augment.crop_pct, "interpolation": augment.interpolation},
                           on_error=job.data.on_error)
     confusion, top5_hits, energy_images = evaluate_stream(model, loader, device, num_classes, settings.energy_batches)
@@ -147,7 +147,6 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     metrics = {"top1": float(correct.sum()) / counted, "top5": top5_hits / counted, "n_samples": float(counted),
                "T": float(model.T)}
 
-    artifacts: dict[str, str] = {}
     if rank == 0:
         # rank 0 always has samples: the stream deals shards from rank 0 on, and padding only fills up
         energy = measure_energy(model, [b.to(device) for b in energy_images])
@@ -175,11 +174,8 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
             json.dump(report, f, indent=2)
         plot_confusion(confusion, classes, matrix_path,
                        f"{config['variant']} T={model.T}: top-1 {metrics['top1']:.2%} ({counted} images)")
-        artifacts = put_outputs(ctx, {"eval_report": report_path, "confusion_matrix": matrix_path})
-        ctx.log_image(matrix_path, "confusion_matrix.png")
-        ctx.log_artifact(report_path, None)
-        ctx.log_metrics(metrics, 0)
+        publish(ctx, artifacts=[report_path], images=[matrix_path], metrics=metrics)
         logger.info("evaluate: top-1 %.4f top-5 %.4f over %d images; %.0f pJ/image", metrics["top1"],
                     metrics["top5"], counted, energy.total_pj)
     ctx.report(metrics, None)
-    return StageResult(export_url=None, export_digest=None, metrics=metrics, artifacts=artifacts)
+    return StageResult(metrics=metrics)

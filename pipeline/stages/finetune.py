@@ -19,7 +19,6 @@ Output: {output_url}/export (the classifier, fp32 safetensors + config with the 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any
 
@@ -33,23 +32,20 @@ from timm.utils import ModelEmaV3
 
 import models  # noqa: F401  (registers the Spikformer variants with timm)
 from pipeline.config import FinetuneSettings, JobConfig
+from pipeline.data.fsutil import join_url
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import PipelineError
-from pipeline.export import read_export, write_export
+from pipeline.export import read_export
 from pipeline.stages.common import (
-    EXPORT_SUBDIR,
     StageTrainer,
     TrainingHooks,
     augment_options,
     barrier,
     broadcast_from_rank0,
-    join_url,
     manifest_url,
     model_kwargs,
-    put_outputs,
     seed_everything,
     setup_distributed,
-    write_loss_curve,
 )
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 from pipeline.stages.label_subset import write_label_subset
@@ -69,17 +65,15 @@ def build_classifier(job: JobConfig, settings: FinetuneSettings) -> torch.nn.Mod
 
 
 def init_source(settings: FinetuneSettings, upstream_export: str | None) -> str | None:
-    """The URL to load initial weights from, or None for scratch."""
+    """The URL to load initial weights from (the runner resolved init to it), or None for scratch."""
     if settings.init == "scratch":
         return None
-    if settings.init == "pretrain":
-        if not upstream_export:
-            raise PipelineError(
-                "stages.finetune.init is 'pretrain' but no pretrain export was handed over "
-                "(enable stages.pretrain, or set init to an export URL or 'scratch')"
-            )
-        return upstream_export
-    return settings.init
+    if not upstream_export:
+        raise PipelineError(
+            f"stages.finetune.init is {settings.init!r} but no pretrain export was handed over "
+            "(enable stages.pretrain, or set init to an export reference or 'scratch')"
+        )
+    return upstream_export
 
 
 def read_weights(url: str) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -161,7 +155,7 @@ def classifier_loss(criterion: torch.nn.Module):
 
 
 class Ema:
-    """timm ModelEmaV3 of the engine's module; under ZeRO-3 the parameters are gathered for each update."""
+    """timm ModelEmaV3 of the engine's module; the engine gathers ZeRO-3 parameters for each update."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.ema = ModelEmaV3(model, decay=decay)  # built before DeepSpeed partitions anything
@@ -172,12 +166,7 @@ class Ema:
 
     def update(self, out, _batch) -> None:
         engine = self.trainer.engine
-        gathered = contextlib.nullcontext()
-        if engine.zero_stage == 3:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
-        with gathered:
+        with engine.gathered_parameters():
             self.ema.update(engine.module, step=out.step)
 
     def state(self) -> dict[str, Any]:
@@ -195,17 +184,21 @@ class Ema:
 # --------------------------------------------------------------------------- the stage
 
 
-def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
-    settings = job.stages.finetune
-    rank, _ = setup_distributed(ctx)
-    url = manifest_url(inputs, "train", "finetune")
+def labelled_manifest(url: str, settings: FinetuneSettings, seed: int, ctx: StageContext) -> str:
+    """The train manifest, or with label_fraction < 1 its class-balanced subset (written once, by rank 0)."""
     if settings.label_fraction < 1:
         subset = None
-        if rank == 0:
-            subset = write_label_subset(url, settings.label_fraction, job.seed,
-                                        join_url(ctx.output_url, "label_subset"))
+        if ctx.rank == 0:
+            subset = write_label_subset(url, settings.label_fraction, seed, join_url(ctx.output_url, "label_subset"))
         url = broadcast_from_rank0(subset)
     barrier()
+    return url
+
+
+def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
+    settings = job.stages.finetune
+    setup_distributed(ctx)
+    url = labelled_manifest(manifest_url(inputs, "train", "finetune"), settings, job.seed, ctx)
     classes = load_manifest(url).classes
     if len(classes) > job.model.num_classes:
         raise PipelineError(f"{url}: {len(classes)} classes, but model.num_classes is {job.model.num_classes}")
@@ -230,27 +223,13 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     trainer.fit()
     trainer.save_final()
 
-    # the live weights are gathered collectively under ZeRO-3, so every rank asks for them
-    state = ema.state_dict() if ema is not None else trainer.engine.state_dict_fp32()
-    export_url = join_url(ctx.output_url, EXPORT_SUBDIR)
-    digest = None
+    export_url, digest = trainer.export({
+        "variant": job.model.variant, "kwargs": model_kwargs(job, settings.T), "stage": "finetune",
+        "kind": "classifier", "init": source or "scratch", "ema": settings.ema.enabled,
+        "label_fraction": settings.label_fraction, "classes": classes, "dataset_manifest": url,
+    }, state=ema.state_dict() if ema is not None else None)
     metrics = trainer.summary_metrics()
-    artifacts: dict[str, str] = {}
-    if rank == 0:
-        config = {
-            "variant": job.model.variant, "kwargs": model_kwargs(job, settings.T), "stage": "finetune",
-            "kind": "classifier", "step": trainer.engine.step, "init": source or "scratch",
-            "ema": settings.ema.enabled, "label_fraction": settings.label_fraction,
-            "classes": classes, "dataset_manifest": url,
-        }
-        digest = write_export(state, config, export_url)
-        csv_path, png_path = write_loss_curve(trainer.loss_curve, f"{ctx.work_dir}/artifacts", "finetune loss")
-        artifacts = put_outputs(ctx, {"loss_curve_csv": csv_path, "loss_curve_png": png_path})
-        ctx.log_artifact(csv_path, None)
-        ctx.log_image(png_path, "loss_curve.png")
-        ctx.log_metrics(metrics, trainer.engine.step)
-    digest = broadcast_from_rank0(digest)
-    trainer.report_final(metrics)
+    trainer.finish(metrics, "finetune loss")
     logger.info("finetune done: %d steps, final loss %.4f, export %s", trainer.engine.step, metrics["final_loss"],
                 export_url)
-    return StageResult(export_url=export_url, export_digest=digest, metrics=metrics, artifacts=artifacts)
+    return StageResult(export_url=export_url, export_digest=digest, metrics=metrics)

@@ -22,20 +22,14 @@ import models  # noqa: F401  (registers the Spikformer variants with timm)
 from models.mim import MaskedImageModel, reconstruction_grid
 from pipeline.config import JobConfig, PretrainSettings
 from pipeline.errors import PipelineError
-from pipeline.export import write_export
 from pipeline.stages.common import (
-    EXPORT_SUBDIR,
     StageTrainer,
     TrainingHooks,
     augment_options,
-    broadcast_from_rank0,
-    join_url,
     manifest_url,
     model_kwargs,
     normalization,
-    put_outputs,
     seed_everything,
-    write_loss_curve,
 )
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 
@@ -117,40 +111,20 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     trainer.fit()
     trainer.save_final()
 
-    # Export the encoder: consolidated fp32 (collective under ZeRO-3), written by rank 0.
-    encoder_state = trainer.engine.state_dict_fp32(prefix="encoder")
-    export_url = join_url(ctx.output_url, EXPORT_SUBDIR)
-    digest = None
-    if trainer.rank == 0:
-        config = {
-            "variant": job.model.variant,
-            "kwargs": model_kwargs(job, settings.T, num_classes=0),
-            "stage": "pretrain", "kind": "encoder", "step": trainer.engine.step,
-            "mask_ratio": settings.mask_ratio, "patch_size": mim.patch_size,
-            "dataset_manifest": url,
-        }
-        digest = write_export(encoder_state, config, export_url)
-    digest = broadcast_from_rank0(digest)
-
+    # the encoder under the classifier's names, consolidated (collective under ZeRO-3)
+    export_url, digest = trainer.export({
+        "variant": job.model.variant, "kwargs": model_kwargs(job, settings.T, num_classes=0), "stage": "pretrain",
+        "kind": "encoder", "mask_ratio": settings.mask_ratio, "patch_size": mim.patch_size, "dataset_manifest": url,
+    }, prefix="encoder")
     if not last_images:  # resumed after the last step: draw from the epoch's first batch
-        trainer.loader.set_epoch(trainer.epoch, 0)
-        batches = iter(trainer.loader)
-        last_images.append(next(batches)[0])
-        batches.close()
+        last_images.append(trainer.first_batch()[0])
+    grid_path = os.path.join(ctx.work_dir, "artifacts", "reconstruction_final.png")
     final_grid = grids.log(last_images[0], "reconstruction_final.png")
-    artifacts: dict[str, str] = {}
-    metrics = trainer.summary_metrics()
     if trainer.rank == 0:
-        local = os.path.join(ctx.work_dir, "artifacts")
-        csv_path, png_path = write_loss_curve(trainer.loss_curve, local, "MIM pretraining loss")
-        grid_path = os.path.join(local, "reconstruction_final.png")
+        os.makedirs(os.path.dirname(grid_path), exist_ok=True)
         final_grid.save(grid_path)
-        artifacts = put_outputs(ctx, {"loss_curve_csv": csv_path, "loss_curve_png": png_path,
-                                      "reconstruction": grid_path})
-        ctx.log_artifact(csv_path, None)
-        ctx.log_image(png_path, "loss_curve.png")
-        ctx.log_metrics(metrics, trainer.engine.step)
-    trainer.report_final(metrics)
+    metrics = trainer.summary_metrics()
+    trainer.finish(metrics, "MIM pretraining loss", outputs=[grid_path])
     logger.info("pretrain done: %d steps, final loss %.4f, export %s", trainer.engine.step, metrics["final_loss"],
                 export_url)
-    return StageResult(export_url=export_url, export_digest=digest, metrics=metrics, artifacts=artifacts)
+    return StageResult(export_url=export_url, export_digest=digest, metrics=metrics)

@@ -65,7 +65,7 @@ def test_missing_required_key(write_spec):
 
 
 def test_model_validator_message_is_kept(write_spec):
-    path = write_spec("name: x\ndata:\n  num_workers: 1\n")
+    path = write_spec("name: x\ndata:\n  loader_workers: 1\n")
     message = error_of(path)
     assert message.startswith(f"{path}: data: give data.build")
 

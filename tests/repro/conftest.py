@@ -33,7 +33,7 @@ def toy_overrides(tmp_path: Path, manifests: dict[str, str] | None) -> list[str]
         f"output_root={tmp_path}/out", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
         "model.variant=spikformer_v2_tiny", "model.img_size=32", "model.num_classes=10",
         "scaling.use_gpu=false", "scaling.gpus_per_worker=0", "scaling.cpus_per_worker=1", "scaling.num_workers=2",
-        "deepspeed.precision=fp32", "data.num_workers=0", "mlflow.registered_model=toy-repro",
+        "deepspeed.precision=fp32", "data.loader_workers=0", "mlflow.registered_model=toy-repro",
         "stages.pretrain.max_steps=2", "stages.pretrain.batch_size=8", "stages.pretrain.decoder_dim=32",
         "stages.pretrain.decoder_depth=1", "stages.finetune.max_steps=2", "stages.finetune.batch_size=8",
         "stages.evaluate.batch_size=128", "stages.evaluate.energy_batches=1",

@@ -1,4 +1,4 @@
-"""torchrun entry for the stage tests: pipeline.stages.torchrun plus a per-step trace.
+"""torchrun entry for the stage tests: `python -m pipeline local` plus a per-step trace.
 
 Every rank appends one JSON line per optimizer step to {out}/trace-rank{R}.jsonl:
 {"stage", "step", "batch" (sha256 of the step's last micro-batch), "loss"}. The tests compare these
@@ -14,8 +14,8 @@ import sys
 
 import torch
 
+from pipeline.__main__ import main
 from pipeline.stages import common
-from pipeline.stages.torchrun import main
 
 torch.set_num_threads(1)
 _original_after_step = common.StageTrainer._after_step
@@ -38,4 +38,4 @@ def _traced_after_step(self, out, batch):
 common.StageTrainer._after_step = _traced_after_step
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["local", *sys.argv[1:]]))

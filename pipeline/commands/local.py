@@ -1,0 +1,40 @@
+"""`python -m pipeline local JOB.yaml`: the job's stages in the processes torchrun or `accelerate launch`
+started on one machine (no Ray), with the same fingerprints, MLflow records and outputs as `run`.
+
+Accelerate (or torchrun) only starts the processes and sets RANK/WORLD_SIZE/LOCAL_RANK; inside, the
+DeepSpeed engine trains exactly as under Ray (Accelerate's own DeepSpeed plugin is not used: it needs
+`transformers` and collapses to one rank on CPU). See pipeline.runner.local_backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from pipeline.commands._job_args import add_job_arguments, load
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_job_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from pipeline.commands.run import summary
+    from pipeline.runner.local_backend import run_local
+
+    rank = int(os.environ.get("RANK", "0"))
+    formatter = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(formatter)
+    try:
+        job, stages = load(args)
+        outcome = run_local(job, stages, job_file=args.job)
+        if outcome is not None:
+            print(summary(outcome), flush=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
