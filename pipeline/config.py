@@ -46,6 +46,9 @@ class DataSettings(Settings):
     pretrain: str | None = Field(None, description="manifest URL for SSL pretraining; default: train")
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per training process")
     on_error: Literal["raise", "skip"] = "raise"
+    decode: Literal["cpu", "gpu", "auto"] = Field(
+        "cpu", description="where images are decoded and cropped: cpu (DataLoader workers), gpu (nvJPEG on the "
+        "training GPU; roles without PIL-only augmentations), auto (gpu where possible)")
 
     @model_validator(mode="before")
     @classmethod

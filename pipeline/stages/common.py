@@ -155,8 +155,8 @@ class StageTrainer:
         self.loader = build_loader(
             manifest_url, role, batch_size=settings.batch_size, img_size=job.model.img_size, rank=self.rank,
             world_size=self.world_size, num_workers=job.data.loader_workers, seed=job.seed, augment=augment,
-            on_error=job.data.on_error,
-        )
+            on_error=job.data.on_error, decode=job.data.decode,
+        )  # batches arrive normalised on this process's training device (pipeline.data.device)
         steps_per_epoch = self.loader.batches_per_epoch // settings.grad_accum_steps
         if steps_per_epoch < 1:
             raise PipelineError(

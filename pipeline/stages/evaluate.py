@@ -131,7 +131,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     loader = build_loader(data_url, "eval", batch_size=settings.batch_size, img_size=img_size, rank=rank,
                           world_size=world_size, num_workers=job.data.loader_workers, seed=job.seed,
                           augment={"crop_pct": augment.crop_pct, "interpolation": augment.interpolation},
-                          on_error=job.data.on_error)
+                          on_error=job.data.on_error, decode=job.data.decode)
     confusion, top5_hits, energy_images = evaluate_stream(model, loader, device, num_classes, settings.energy_batches)
     totals = torch.cat([confusion.flatten(), top5_hits.view(1)])
     if dist.is_initialized():
