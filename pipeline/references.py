@@ -94,8 +94,11 @@ def _registered(client, name: str) -> str:
     if not versions:
         models = sorted(m.name for m in client.search_registered_models())
         return f"registered models: {', '.join(models) or 'none'}"
-    aliases = sorted({a for v in versions for a in (v.aliases or [])})
-    listed = ", ".join(sorted((v.version for v in versions), key=int))
+    try:
+        aliases = sorted(client.get_registered_model(name).aliases or {})
+    except MlflowException:
+        aliases = []
+    listed = ", ".join(sorted((str(v.version) for v in versions), key=int))
     return f"model {name} has versions {listed}" + (f" and aliases {', '.join(aliases)}" if aliases else "")
 
 

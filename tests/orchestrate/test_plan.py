@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import load_job
 from pipeline.data.writer import write_shards
-from pipeline.orchestrate import plan_job
+from pipeline.runner.plan import plan_job
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ then two more runs of the same spec prove stage caching.
 
 from __future__ import annotations
 
-import os
+import json
 import subprocess
 import sys
 import time
@@ -43,9 +43,9 @@ def overrides(tmp: str) -> list[str]:
     return [word for s in sets for word in ("--set", s)]
 
 
-def fault_overrides() -> list[str]:
-    sets = ["test_hooks.kill_stage=finetune", "test_hooks.kill_rank=1", f"test_hooks.kill_at_step={KILL_STEP}"]
-    return [word for s in sets for word in ("--set", s)]
+def fault_runtime_env() -> list[str]:
+    """The test fault hook travels as an environment variable of the Ray job (not in the job spec)."""
+    return ["--runtime-env-json", json.dumps({"env_vars": {"PIPELINE_TEST_FAULT": f"finetune:1:{KILL_STEP}"}})]
 
 
 def run_cli(args: list[str], env: dict, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -59,9 +59,9 @@ def submitted(ray_head, tmp_path_factory):
 
     _, dashboard, env = ray_head
     tmp = str(tmp_path_factory.mktemp("rayjob"))
-    entry = ["python", "-m", "pipeline", "run", "jobs/quickstart.yaml", *overrides(tmp), *fault_overrides()]
+    entry = ["python", "-m", "pipeline", "run", "jobs/quickstart.yaml", *overrides(tmp)]
     submit = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", dashboard, "--no-wait",
-                             "--working-dir", ".", "--", *entry],
+                             "--working-dir", ".", *fault_runtime_env(), "--", *entry],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stdout + submit.stderr
     job_id = next(line.split("'")[1] for line in submit.stdout.splitlines() if "submitted successfully" in line)
@@ -106,7 +106,7 @@ def test_job_succeeds_and_mlflow_holds_the_lineage_chain(submitted):
 
 def test_killed_worker_resumes_from_checkpoint_without_restarting_the_step_counter(submitted):
     tmp, logs = submitted
-    fired = [name for name in os.listdir(f"{tmp}/out/ray") if name.endswith(".fault-fired")]
+    fired = list(Path(f"{tmp}/out/ray").glob("*/.fault-fired"))
     assert fired, "the fault hook never fired"
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     finetune = runs_by_stage(tmp)["finetune"][-1]

@@ -1,21 +1,24 @@
-"""Each ZeRO stage (1, 2, 3): the stages under torchrun (2 CPU ranks, gloo), killed and resumed.
+"""Each ZeRO stage (1, 2, 3): the stages through the real runner under torchrun (2 CPU ranks, gloo),
+killed and resumed.
 
 Per ZeRO stage two launches (see stage_helpers.launch):
 1. stages up to the faulted one (16 steps each); the fault hook kills rank 0 right after optimizer
    step 6 (checkpoints every 4 steps), so the launch fails with step 4 as the last checkpoint;
-2. pretrain, finetune, evaluate again: the finished stages resume at their end and re-export, the
-   killed one continues from step 4.
+2. pretrain, finetune, evaluate again: a finished stage is reused from the MLflow stage cache, the
+   killed one continues from step 4 (its checkpoints are in its fingerprint-named work folder).
 Variety per ZeRO stage: ZeRO-1 kills pretrain; ZeRO-2 kills pretrain and finetunes with Mixup/CutMix;
 ZeRO-3 kills finetune, which keeps an EMA (its weights are checkpointed, resumed and exported).
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from stage_helpers import VAL_SAMPLES, launch, make_job, read_jsonl, result, trace
+from stage_helpers import VAL_SAMPLES, Records, launch, make_job, read_jsonl, result, trace
 
 import models  # noqa: F401
 from pipeline.checkpoint import read_latest
@@ -36,10 +39,10 @@ def runs(request, digits_shards, tmp_path_factory):
     job = make_job(digits_shards, **{
         "deepspeed.zero_stage": zero, "stages.pretrain.max_steps": STEPS, "stages.finetune.max_steps": STEPS,
         "stages.pretrain.checkpoint.every_steps": EVERY, "stages.finetune.checkpoint.every_steps": EVERY,
-        "test_hooks": {"kill_stage": killed, "kill_rank": 0, "kill_at_step": KILL_AT}, **extra,
+        **extra,
     })
     first = "pretrain" if killed == "pretrain" else "pretrain,finetune"
-    launch(out, job, first, expect_rc=1)
+    launch(out, job, first, expect_rc=1, fault=f"{killed}:0:{KILL_AT}")
     first_run = {stage: trace(out, stage) for stage in ("pretrain", "finetune")}
     pretrain_digest = result(out, "pretrain")["export_digest"] if killed == "finetune" else None
     (out / "trace-rank0.jsonl").rename(out / "trace-run1-rank0.jsonl")
@@ -61,7 +64,7 @@ def test_killed_stage_resumes_at_the_checkpoint_with_the_same_next_batch(runs):
         b = {r["step"]: r["batch"] for r in read_jsonl(out / f"trace-run1-rank{rank}.jsonl") if r["stage"] == stage}
         a = {r["step"]: r["batch"] for r in trace(out, stage, rank)}
         assert all(a[s] == b[s] for s in range(EVERY + 1, KILL_AT + 1))
-    if stage == "finetune":  # pretrain had finished in run 1: run 2 resumed it at its end, re-exported the same
+    if stage == "finetune":  # pretrain had finished in run 1: run 2 reused it from the stage cache
         assert trace(out, "pretrain") == []
         assert result(out, "pretrain")["export_digest"] == runs["pretrain_digest"]
 
@@ -71,6 +74,10 @@ def test_loss_decreases(runs):
     losses = {r["step"]: r["loss"] for r in runs["first"][stage]} | {r["step"]: r["loss"] for r in trace(out, stage)}
     first, last = sum(losses[s] for s in (1, 2, 3)) / 3, sum(losses[s] for s in (STEPS - 2, STEPS - 1, STEPS)) / 3
     assert last < 0.97 * first, (first, last)
+
+
+def _folder(out, stage):
+    return Records(out).folder(stage)
 
 
 def _final_checkpoint(stage_dir):
@@ -83,8 +90,8 @@ def _final_checkpoint(stage_dir):
 def test_exports_equal_the_final_checkpoint_and_reload_strictly(runs):
     out = runs["out"]
     # pretrain: the encoder part of the consolidated ZeRO checkpoint, under the classifier's names
-    state, config = read_export(str(out / "pretrain" / "export"))
-    ckpt = _final_checkpoint(out / "pretrain")
+    state, config = read_export(str(_folder(out, "pretrain") / "export"))
+    ckpt = _final_checkpoint(_folder(out, "pretrain"))
     encoder = {k.removeprefix("encoder."): v for k, v in ckpt.items() if k.startswith("encoder.")}
     assert set(state) == set(encoder) and not any(k.startswith("head.") for k in state)
     assert all(torch.equal(state[k], encoder[k]) for k in state)
@@ -92,32 +99,34 @@ def test_exports_equal_the_final_checkpoint_and_reload_strictly(runs):
     model.load_state_dict(state, strict=True)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     # finetune: the whole classifier (or, with EMA, the EMA weights kept in the checkpoint)
-    state, config = read_export(str(out / "finetune" / "export"))
+    finetune = _folder(out, "finetune")
+    state, config = read_export(str(finetune / "export"))
     assert config["ema"] == (runs["zero"] == 3)
     if config["ema"]:
-        tag = read_latest(out / "finetune" / "work" / "checkpoints")
-        files = sorted((out / "finetune" / "work" / "checkpoints" / tag).glob("*model_states.pt"))
+        tag = read_latest(finetune / "work" / "checkpoints")
+        files = sorted((finetune / "work" / "checkpoints" / tag).glob("*model_states.pt"))
         client = torch.load(files[0], map_location="cpu", weights_only=False)
         reference = client["ema"]
-        live = _final_checkpoint(out / "finetune")
+        live = _final_checkpoint(finetune)
         assert any(not torch.equal(live[k], reference[k]) for k in live)  # EMA differs from the live weights
     else:
-        reference = _final_checkpoint(out / "finetune")
+        reference = _final_checkpoint(finetune)
     assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in state)
     model = timm.create_model(config["variant"], **config["kwargs"])
     model.load_state_dict(state, strict=True)
-    assert result(out, "finetune")["export_digest"] == export_digest(str(out / "finetune" / "export"))
+    assert result(out, "finetune")["export_digest"] == export_digest(str(finetune / "export"))
 
 
-def test_every_rank_reports_each_checkpoint(runs):
-    out, stage = runs["out"], runs["killed"]
-    reports = read_jsonl(out / stage / "reports.jsonl")
-    for rank in (0, 1):
-        steps = [int(r["metrics"]["step"]) for r in reports if r["rank"] == rank]
-        assert steps == [4, 8, 12, STEPS], steps  # run 1: step 4, then killed; run 2: 8, 12, the final one
-        for r in reports:
-            tag = f"step{int(r['metrics']['step']):08d}"
-            assert "latest" in r["checkpoint_files"] and any(f.startswith(tag + "/") for f in r["checkpoint_files"])
+def test_every_rank_keeps_its_last_checkpoints(runs):
+    """keep_last (2) tags stay, each with every rank's ZeRO shards; the killed run's first tags are pruned."""
+    checkpoints = _folder(runs["out"], runs["killed"]) / "work" / "checkpoints"
+    assert read_latest(checkpoints) == f"step{STEPS:08d}"
+    tags = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
+    assert tags == [f"step{STEPS - EVERY:08d}", f"step{STEPS:08d}"]
+    for tag in tags:
+        shards = (checkpoints / tag).glob("*optim_states.pt")
+        ranks = {re.search(r"zero_pp_rank_(\d+)_", p.name).group(1) for p in shards}
+        assert ranks == {"0", "1"}, (tag, ranks)
 
 
 def test_evaluate_counts_every_sample_once(runs):
