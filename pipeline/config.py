@@ -306,18 +306,23 @@ def _read_yaml_mapping(label: str) -> dict[str, Any]:
 
 
 def _read_composed(label: str, chain: tuple[str, ...]) -> dict[str, Any]:
-    """A spec with `base: other.yaml` (relative to the spec) is the base, deep-merged with its own keys."""
+    """A spec with `base: other.yaml` (or a list of them, merged in order; paths relative to the spec)
+    is its bases deep-merged, then its own keys on top."""
     raw = _read_yaml_mapping(label)
-    base = raw.pop("base", None)
-    if base is None:
+    bases = raw.pop("base", None)
+    if bases is None:
         return raw
-    if not isinstance(base, str) or not base.strip():
-        raise PipelineError(f"{label}: base: expected the path of another job spec, got {base!r}")
-    base_label = _relative_to(label, base)
-    if _same_file(base_label, (*chain, label)):
-        cycle = " -> ".join([*chain, label, base_label])
-        raise PipelineError(f"{label}: base: composition cycle {cycle}")
-    return _deep_merge(_read_composed(base_label, (*chain, label)), raw)
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise PipelineError(f"{label}: base: expected the path of another job spec (or a list), got {bases!r}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        base_label = _relative_to(label, base)
+        if _same_file(base_label, (*chain, label)):
+            cycle = " -> ".join([*chain, label, base_label])
+            raise PipelineError(f"{label}: base: composition cycle {cycle}")
+        merged = _deep_merge(merged, _read_composed(base_label, (*chain, label)))
+    return _deep_merge(merged, raw)
 
 
 def _relative_to(label: str, path: str) -> str:

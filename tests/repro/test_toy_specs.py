@@ -46,14 +46,22 @@ def test_spec_validates_with_cluster_values(spec, monkeypatch):
         assert not any(getattr(job.stages, s).enabled for s in ("pretrain", "finetune", "evaluate"))
 
 
-@pytest.mark.parametrize("spec", ["jobs/reproduce_81.yaml", "jobs/supervised_80.yaml"])
+def _section(text: str, name: str) -> str:
+    """The indented lines under a top-level `name:` key ('' when the spec has no such section)."""
+    if f"\n{name}:\n" not in text:
+        return ""
+    return re.split(r"\n(?=[a-z_]+:)", text.split(f"\n{name}:\n", 1)[1], maxsplit=1)[0]
+
+
+@pytest.mark.parametrize("spec", ["jobs/reproduce_81.yaml", "jobs/supervised_80.yaml", "jobs/pretrain.yaml",
+                                  "jobs/finetune.yaml"])
 def test_every_recipe_value_names_its_source(spec):
     """Each `key: value` line of the recipe sections carries a comment (source or '(ours)')."""
     text = (REPO / spec).read_text()
-    recipe = text.split("\nstages:\n", 1)[1].split("\nscaling:\n", 1)[0]
-    recipe += text.split("\ndeepspeed:\n", 1)[1].split("\nstages:\n", 1)[0]
+    recipe = _section(text, "stages") + _section(text, "deepspeed")
+    assert recipe
     uncommented = [line for line in recipe.splitlines()
-                   if re.match(r"^\s+[a-z_]+: \S", line) and "#" not in line and "enabled: false" not in line]
+                   if re.match(r"^\s+[a-z_]+: \S", line) and "#" not in line and "enabled:" not in line]
     assert uncommented == []
 
 
