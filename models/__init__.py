@@ -4,7 +4,7 @@ Importing this package registers the variants with timm, so ``timm.create_model(
 works after ``import models``.
 """
 
-from .checkpoint import CheckpointMismatchError, load_spikformer_v1_checkpoint
+from .v1_weights import CheckpointMismatchError, load_spikformer_v1_checkpoint
 from .energy import EnergyReport, FiringRateProbe, count_flops, firing_rates, measure_energy
 from .neuron import MultiStepLIF, lif_multistep
 from .spikformer import (
