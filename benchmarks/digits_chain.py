@@ -3,7 +3,7 @@
     python benchmarks/digits_chain.py [--out DIR] [--no-ssl-comparison] [--note TEXT] [--no-record]
 
 1. digits shards (train 1437 / val 360, 32 px) are written once into {out}/shards;
-2. chain: one `torchrun --nproc_per_node 2 -m pipeline.stages.torchrun` launch runs the three stages
+2. chain: one `torchrun --nproc_per_node 2 -m pipeline.launch_local` launch runs the three stages
    with RECIPE (CPU, gloo, DeepSpeed ZeRO-2, fp32); wall time counts everything from the launch
    (process start, imports, shards excluded) to the evaluate result;
 3. SSL vs scratch: finetune + evaluate from scratch with all labels; then, per seed, on a
@@ -71,10 +71,12 @@ def make_shards(dest: Path) -> dict[str, str]:
 def run_stages(job: dict[str, Any], out: Path, stages: str, overrides: list[str] = ()) -> float:
     """One torchrun launch with 2 CPU ranks; returns its wall time in seconds."""
     out.mkdir(parents=True, exist_ok=True)
+    job = {**job, "output_root": str(out / "outputs"), "mlflow": {"tracking_uri": f"sqlite:///{out}/mlflow.db",
+                                                                   "experiment": "digits-chain"}}
     (out / "job.yaml").write_text(json.dumps(job, indent=1))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           "--master_addr=127.0.0.1", "--master_port=29561", "-m", "pipeline.stages.torchrun",
-           str(out / "job.yaml"), "--stages", stages, "--out", str(out)]
+           "--master_addr=127.0.0.1", "--master_port=29561", "-m", "pipeline.launch_local",
+           str(out / "job.yaml"), "--stages", stages]
     for item in overrides:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -88,7 +90,14 @@ def run_stages(job: dict[str, Any], out: Path, stages: str, overrides: list[str]
 
 
 def result(out: Path, stage: str) -> dict[str, Any]:
-    return json.loads((out / stage / "result.json").read_text())
+    """The newest FINISHED run of `stage` in the launch's MLflow store: export URL and metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    experiment = client.get_experiment_by_name("digits-chain").experiment_id
+    run = client.search_runs([experiment], f"tags.`pipeline.stage` = '{stage}' and attributes.status = 'FINISHED'",
+                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return {"export_url": run.data.tags.get("pipeline.export_url"), "metrics": run.data.metrics}
 
 
 def row(name: str, folder: Path, wall: float) -> dict[str, Any]:
@@ -112,7 +121,7 @@ def main() -> int:
 
     shards = make_shards(out / "shards")
     job = copy.deepcopy(RECIPE)
-    job.update(name="digits-chain", seed=0, output_root=str(out))
+    job.update(name="digits-chain", seed=0)
     job["data"].update(train=shards["train"], val=shards["val"])
 
     chain = out / "chain"
@@ -166,7 +175,7 @@ def record(table: list[str], args: argparse.Namespace, load_start, load_end) -> 
         f"- hardware: {hardware()}; load average {' '.join(f'{x:.1f}' for x in load_start)} at the start, "
         f"{' '.join(f'{x:.1f}' for x in load_end)} at the end",
         f"- command: `{command}`",
-        "- 2 ranks (`torchrun --nproc_per_node 2 -m pipeline.stages.torchrun`), gloo, DeepSpeed ZeRO-2 fp32, "
+        "- 2 ranks (`torchrun --nproc_per_node 2 -m pipeline.launch_local`), gloo, DeepSpeed ZeRO-2 fp32, "
         "1 torch thread per rank; digits train 1437 / val 360 images at 32 px; model spikformer_v2_tiny, T=1",
         f"- recipe: pretrain `{json.dumps(stages['pretrain'])}`; finetune `{json.dumps(stages['finetune'])}`",
         f"- SSL vs scratch: the same finetune recipe from the chain's encoder or from scratch; few labels: "

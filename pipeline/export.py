@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from models.export_format import EXPORT_FORMAT
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = "spikformer-export/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 

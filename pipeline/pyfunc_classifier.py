@@ -15,8 +15,6 @@ from typing import Any
 import mlflow
 import numpy as np
 
-EXPORT_FORMAT = "spikformer-export/1"
-
 
 class ExportedClassifier(mlflow.pyfunc.PythonModel):
     """predict: float32 images [N, 3, H, W], normalised as in evaluation -> logits [N, classes]."""
@@ -26,10 +24,8 @@ class ExportedClassifier(mlflow.pyfunc.PythonModel):
         import torch
         from safetensors.torch import load_file
 
-        try:
-            import models  # noqa: F401  (registers the Spikformer variants with timm)
-        except ImportError:
-            pass
+        import models  # noqa: F401  (bundled with the model: registers the variants, names the format)
+        from models.export_format import EXPORT_FORMAT
         export = Path(context.artifacts["export"])
         config = json.loads((export / "config.json").read_text())
         if config.get("format") != EXPORT_FORMAT:

@@ -23,6 +23,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.errors import PipelineError
+from pipeline.export import EXPORT_FORMAT
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 MODEL_CODE = Path(__file__).with_name("pyfunc_classifier.py")
 MODEL_ARTIFACT_PATH = "model"
-EXPORT_FORMAT = "spikformer-export/1"
 SIGNATURE = ModelSignature(
     inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
     outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1))]),

@@ -1,5 +1,5 @@
-"""The three training stages, each a plain function `run(job, inputs, ctx) -> StageResult`.
+"""The pipeline's stages (the stage table in table.py), each a plain function `run(job, inputs, ctx)`.
 
-They run the same under Ray Train (pipeline.orchestrate), torchrun, accelerate launch or a test;
+They run the same under Ray Train, torchrun, accelerate launch or a test (pipeline.runner launches them);
 only the StageContext they receive differs.
 """
