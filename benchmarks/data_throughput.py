@@ -1,15 +1,19 @@
 """Decode + augment throughput: WebDataset shards (pipeline.data.stream) vs torchvision ImageFolder.
 
     python benchmarks/data_throughput.py [--images 768] [--workers 1 2] [--batch 32] [--img 224]
-        [--role train] [--repeats 2] [--workdir DIR] [--no-record]
+        [--role train] [--repeats 2] [--max-side 320] [--old-reader f225375] [--workdir DIR] [--no-record]
 
 Generates `--images` JPEGs of ImageNet-like size (longest side 300-500 px, about 224-px class after
-the crop) in 10 class folders, writes them as shards (original JPEG bytes), then reads one epoch
-with each loader: the same timm transform (role "train": RandomResizedCrop + flip + RandAugment +
-random erasing), the same batch size and DataLoader worker count. Reports images/s of wall time
-and images per CPU-second (this process plus its DataLoader workers; robust when other jobs share
-the cores), each the best of `--repeats`, and the shards/ImageFolder ratios; appends a dated
-section to docs/BENCHMARKS.md unless --no-record.
+the crop) in 10 class folders, writes them as shards twice (original JPEG bytes, and with
+`max_side`: downscaled at shard time), then reads one epoch with each loader: the same timm
+transform (role "train": RandomResizedCrop + flip + RandAugment + random erasing), the same batch
+size and DataLoader worker count. The shard loader's images/CPU-s include its normalisation and
+random erasing in this process (the "device" is the CPU here; on a GPU that work leaves the CPU).
+Reports images/s of wall time and images per CPU-second (this process plus its DataLoader workers;
+robust when other jobs share the cores), each the best of `--repeats`, and the ratios to
+ImageFolder on the original JPEGs. Also reports the per-sample cost of reading (tar + grouping) with
+webdataset's reader (with and without the sha256 check) and with the hand-written parser of commit
+`--old-reader` (the one it replaced). Appends a dated section to docs/BENCHMARKS.md unless --no-record.
 """
 
 from __future__ import annotations
@@ -67,6 +71,61 @@ def time_epoch(loader) -> tuple[int, float, float]:
     return images, time.perf_counter() - start, cpu_seconds() - start_cpu
 
 
+def old_reader(commit: str):
+    """iter_tar_samples of pipeline/data/shardio.py at `commit` (the hand-written tar parser), or None."""
+    import importlib.util
+    import subprocess
+
+    try:
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:pipeline/data/shardio.py"],
+                              capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "old_shardio.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location("old_shardio", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["old_shardio"] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module.iter_tar_samples
+
+
+def read_cost(manifest_url: str, commit: str, repeats: int) -> dict[str, float]:
+    """Microseconds of CPU per sample to read and group every shard (no decoding), best of repeats."""
+    from pipeline.data.manifest import load_manifest
+    from pipeline.data.read import ShardSource, shard_samples
+    from pipeline.data.shardio import iter_tar_samples
+
+    manifest = load_manifest(manifest_url)
+    urls = manifest.shard_urls()
+
+    def with_file(reader):
+        def read():
+            for url in urls:
+                with open(url, "rb") as fh:
+                    yield from reader(fh, url)
+        return read
+
+    readers = {
+        "webdataset reader": with_file(iter_tar_samples),
+        "webdataset reader + sha256 check": lambda: (
+            s for url, e in zip(urls, manifest.shards, strict=True) for s in shard_samples(ShardSource(url, e.sha256))
+        ),
+    }
+    old = old_reader(commit)
+    if old is not None:
+        readers[f"hand-written parser ({commit})"] = with_file(old)
+    costs = {}
+    for name, read in readers.items():
+        best = float("inf")
+        for _ in range(max(repeats, 3)):
+            start = time.process_time()
+            count = sum(1 for _ in read())
+            best = min(best, (time.process_time() - start) / count)
+        costs[name] = best * 1e6
+    return costs
+
+
 def imagefolder_loader(root: Path, role: str, img: int, batch: int, workers: int):
     from torchvision.datasets import ImageFolder
 
@@ -81,54 +140,54 @@ def imagefolder_loader(root: Path, role: str, img: int, batch: int, workers: int
     )
 
 
-def measure(args: argparse.Namespace, tree: Path, manifest_url: str) -> list[dict]:
+def measure(args: argparse.Namespace, tree: Path, manifests: dict[str, str]) -> list[dict]:
     rows = []
     for workers in args.workers:
         best: dict[str, float] = {}
         for _ in range(args.repeats):
-            shards = build_loader(
-                manifest_url, args.role, batch_size=args.batch, img_size=args.img, num_workers=workers, seed=0
-            )
-            folder = imagefolder_loader(tree, args.role, args.img, args.batch, workers)
-            for name, loader in (("shards", shards), ("imagefolder", folder)):
+            loaders = {
+                name: build_loader(url, args.role, batch_size=args.batch, img_size=args.img, num_workers=workers,
+                                   seed=0, device="cpu")
+                for name, url in manifests.items()
+            }
+            loaders["imagefolder"] = imagefolder_loader(tree, args.role, args.img, args.batch, workers)
+            for name, loader in loaders.items():  # side by side in one repeat: the ratios share the load
                 count, seconds, cpu = time_epoch(loader)
                 best[name] = max(best.get(name, 0.0), count / seconds)
                 best[name + "_cpu"] = max(best.get(name + "_cpu", 0.0), count / cpu)
-        rows.append(
-            {
-                "workers": workers,
-                "shards": best["shards"],
-                "imagefolder": best["imagefolder"],
-                "ratio": best["shards"] / best["imagefolder"],
-                "shards_cpu": best["shards_cpu"],
-                "imagefolder_cpu": best["imagefolder_cpu"],
-                "ratio_cpu": best["shards_cpu"] / best["imagefolder_cpu"],
-            }
-        )
+        for name in loaders:
+            rows.append({
+                "workers": workers, "loader": name, "wall": best[name], "cpu": best[name + "_cpu"],
+                "ratio": best[name] / best["imagefolder"], "ratio_cpu": best[name + "_cpu"] / best["imagefolder_cpu"],
+            })
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| DataLoader workers | shards (images/s) | ImageFolder (images/s) | ratio "
-        "| shards (images/CPU-s) | ImageFolder (images/CPU-s) | ratio (CPU) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| DataLoader workers | loader | images/s | ratio to ImageFolder | images/CPU-s | ratio to ImageFolder (CPU) |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['workers']} | {r['shards']:.1f} | {r['imagefolder']:.1f} | {r['ratio']:.2f} "
-            f"| {r['shards_cpu']:.1f} | {r['imagefolder_cpu']:.1f} | {r['ratio_cpu']:.2f} |"
-        )
+        lines.append(f"| {r['workers']} | {r['loader']} | {r['wall']:.1f} | {r['ratio']:.2f} | {r['cpu']:.1f} "
+                     f"| {r['ratio_cpu']:.2f} |")
     return "\n".join(lines)
 
 
-def record(rows: list[dict], args: argparse.Namespace, note: str) -> None:
+def read_lines(costs: dict[str, float]) -> list[str]:
+    return [f"read cost per sample (tar + grouping, no decode): {name}: {us:.1f} us" for name, us in costs.items()]
+
+
+def record(rows: list[dict], costs: dict[str, float], args: argparse.Namespace, encodings: dict[str, str]) -> None:
     record_section("Data throughput", "data_throughput.py", [
         f"{args.images} generated JPEGs (300-500 px, quality 90) in 10 class folders; role {args.role!r} "
         f"timm transform at {args.img} px, batch {args.batch}; one epoch per loader, best of {args.repeats}",
-        "shards: `pipeline.data.stream.build_loader` over WebDataset tars of the same JPEG bytes "
-        "(local disk); ImageFolder: torchvision `ImageFolder` + `DataLoader(shuffle=True)`",
-    ], table(rows), note)
+        "shards: `pipeline.data.stream.build_loader(device='cpu')` (webdataset reader, sha256 check, header-first "
+        "crop with JPEG draft, uint8 hand-off, normalise + erase in the main process) over WebDataset tars on "
+        "local disk; ImageFolder: torchvision `ImageFolder` + `DataLoader(shuffle=True)` on the original JPEGs",
+        "manifest `writer.encoding` of the shard sets: " + ", ".join(f"{k}: {v}" for k, v in encodings.items()),
+        *read_lines(costs),
+    ], table(rows), args.note)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -139,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--img", type=int, default=224)
     parser.add_argument("--role", default="train", choices=["pretrain", "train", "eval"])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-side", type=int, default=320, help="second shard set downscaled at shard time (0: off)")
+    parser.add_argument("--old-reader", default="f225375", help="commit whose hand-written tar parser is measured")
     parser.add_argument("--workdir", default=None, help="where images and shards go (default: a temp folder)")
     parser.add_argument("--note", default="", help="free text recorded with the results")
     parser.add_argument("--no-record", action="store_true", help="do not append to docs/BENCHMARKS.md")
@@ -148,18 +209,22 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tree = Path(tmp) / "images"
         make_images(tree, args.images)
-        report = write_shards(
-            "imagefolder",
-            str(Path(tmp) / "shards"),
-            root=str(tree),
-            shard_max_count=64,
-            workers=0,
-            progress=False,
-        )
-        rows = measure(args, tree, report.manifest_url)
+        from pipeline.data.manifest import load_manifest
+
+        manifests, encodings = {}, {}
+        for name, max_side in (("shards", None), (f"shards, max_side {args.max_side}", args.max_side or None)):
+            if name != "shards" and max_side is None:
+                continue
+            report = write_shards("imagefolder", str(Path(tmp) / f"shards-{max_side}"), root=str(tree),
+                                  shard_max_count=64, max_side=max_side, workers=0, progress=False)
+            manifests[name] = report.manifest_url
+            encodings[name] = str(load_manifest(report.manifest_url).writer.get("encoding"))
+        costs = read_cost(manifests["shards"], args.old_reader, args.repeats)
+        rows = measure(args, tree, manifests)
+    print("\n".join(read_lines(costs)))
     print(table(rows))
     if not args.no_record:
-        record(rows, args, args.note)
+        record(rows, costs, args, encodings)
 
 
 if __name__ == "__main__":

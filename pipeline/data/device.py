@@ -46,29 +46,32 @@ class DeviceNormalizer:
         self, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, batch_seed: int
     ) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        if boxes.numel() and bool(boxes[..., 2].any()):  # boxes are CPU tensors: no device sync here
-            images = self.erase(images, boxes.to(self.device, non_blocking=True), batch_seed)
+        if boxes.numel():
+            images = self.erase(images, boxes, batch_seed)
         if self.pad_to_zero:
             pad = (labels < 0).to(self.device, non_blocking=True).view(-1, 1, 1, 1)
             images = images.masked_fill_(pad, 0.0)
         return images
 
     def erase(self, images: torch.Tensor, boxes: torch.Tensor, batch_seed: int) -> torch.Tensor:
-        """Fill boxes [B, slots, 4] (top, left, height, width; height 0 = unused) in place."""
-        batch, channels, height, width = images.shape
+        """Fill boxes [B, slots, 4] (top, left, height, width; height 0 = unused) in place.
+
+        One fill per box, as timm's RandomErasing loops over images: noise only for the erased pixels
+        (a whole-batch noise tensor costs more than the normalisation on a CPU device).
+        """
         generator = torch.Generator(device=self.device).manual_seed(batch_seed)
-        rows = torch.arange(height, device=self.device).view(1, height)
-        cols = torch.arange(width, device=self.device).view(1, width)
-        for slot in range(boxes.shape[1]):
-            top, left, box_h, box_w = (boxes[:, slot, k].view(batch, 1) for k in range(4))
-            inside_rows = (rows >= top) & (rows < top + box_h)  # [B, H]
-            inside_cols = (cols >= left) & (cols < left + box_w)  # [B, W]
-            mask = (inside_rows[:, :, None] & inside_cols[:, None, :]).unsqueeze(1)  # [B, 1, H, W]
+        channels = images.shape[1]
+        for index, (top, left, height, width) in _used_boxes(boxes):
+            region = images[index, :, top : top + height, left : left + width]
             if self.erase_mode == "pixel":
-                fill = torch.randn(images.shape, generator=generator, device=self.device)
+                region.copy_(torch.randn((channels, height, width), generator=generator, device=self.device))
             elif self.erase_mode == "rand":
-                fill = torch.randn((batch, channels, 1, 1), generator=generator, device=self.device)
+                region.copy_(torch.randn((channels, 1, 1), generator=generator, device=self.device).expand_as(region))
             else:
-                fill = torch.zeros((), device=self.device)
-            images = torch.where(mask, fill, images)
+                region.zero_()
         return images
+
+
+def _used_boxes(boxes: torch.Tensor) -> list[tuple[int, list[int]]]:
+    """(image index, box) of every box in use; boxes stay on the CPU, so no device sync."""
+    return [(i, box) for i, image_boxes in enumerate(boxes.tolist()) for box in image_boxes if box[2]]
