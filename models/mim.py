@@ -5,33 +5,30 @@ Transformer V3, which shares a co-author with Spikformer V2):
 
 * Every sample gets its own random mask over ``patch_size`` pixel patches (default: the encoder's
   token stride, 16 px at 224 px), exactly ``round(L * mask_ratio)`` of the L patches masked.
-* The encoder is the classifier itself (``Spikformer.forward_tokens(x, active)``): masked pixels are
-  zeroed, the mask is re-applied after every conv / BN / pooling, BatchNorm statistics come from
-  visible positions only, and masked tokens are re-zeroed through the blocks. No value at a visible
-  position depends on a masked pixel (``tests/models/test_mim.py`` checks this exactly in float64).
+* The encoder is the classifier itself. Its stem runs dense, SparK style
+  (``Spikformer.forward_tokens(x, active)``): masked pixels are zeroed, the mask is re-applied after
+  every conv / BN / pooling, and BatchNorm statistics come from visible positions only. No value at a
+  visible position depends on a masked pixel (``tests/models/test_mim.py`` checks this exactly in
+  float64).
+* Then, MAE style, only the visible tokens go on (``encoder_path="visible"``, the default,
+  ``Spikformer.forward_visible``): every sample masks the same number of patches, so the visible
+  tokens gather into a static [T, B, D, n] tensor, and the token-grid layers of the stem and all
+  blocks run on those n tokens only. This is the same function as the dense path: a zeroed token adds
+  nothing to ``K^T V``, every other operator is per token, and a plain BatchNorm over the gathered
+  tokens is the visible-only BatchNorm. ``encoder_path="dense"`` keeps the original computation
+  (all tokens, masked ones zeroed through the blocks, BatchNorms by boolean indexing) as the
+  reference; ``tests/models/test_mim_fast_path.py`` checks that both give the same loss and gradients.
 * The decoder is a light non-spiking transformer (timm ``Block``s with LayerNorm): the visible encoder
-  tokens are embedded, masked positions are replaced by a learnable mask token, a fixed 2-D sin-cos
+  tokens are embedded, masked positions are filled with a learnable mask token, a fixed 2-D sin-cos
   position embedding is added, and a linear layer predicts the pixels of every patch.
 * Targets are per-patch normalised pixels ``(x - mean) / sqrt(var + 1e-6)`` (``norm_pix_loss``; MAE's
   convention, unbiased variance); the loss is the MSE over masked patches only.
 
-Why the encoder runs over ALL tokens (masked ones zeroed) instead of MAE-style token dropping:
-
-1. The stem needs the dense 2-D grid. The SPS/SCS stem is a stack of 3x3 convolutions and
-   max-pools, and the relative-position "RPE" conv at the end of the stem is a 3x3 conv over the
-   token grid. None of these can run on a bag of visible tokens, so the stem has to see the full
-   grid anyway. SparK's answer is "sparse" convolution: a dense grid with holes that are re-zeroed
-   after every operator. The models package implements exactly that.
-2. Spiking Self-Attention has no positional embedding. A token's position lives only in the
-   features that the conv stem and the RPE conv gave it. So keeping the grid layout costs nothing in
-   correctness. It also means that pretraining and finetuning run the very same encoder code path
-   (``[T, B, D, h, w]``, 1x1 Conv2d MLPs, BN): there are no gather/scatter ops, no separate code path,
-   and the only train/finetune difference is the holes (the SparK argument).
-3. Dropping would only buy speed, not a different function. In the blocks, a zeroed token contributes
-   nothing to ``K^T V``, every other operator is per token, and BN uses visible statistics only. So
-   the blocks' output at visible tokens equals running the blocks on the visible tokens alone (a
-   test checks this). The price of the choice is block FLOPs on masked tokens (~1 / (1 - ratio)
-   times more), which a fast path could remove later without changing results.
+Why the stem stays dense: it is a stack of 3x3 convolutions and max-pools (and a 3x3 relative-
+position conv), which need the 2-D grid with its holes (SparK's "sparse" convolution). Spiking
+Self-Attention has no position embedding: a token's position lives only in the features the stem
+gave it, so after the stem the tokens can travel as a bag. The fast path still computes the stem's
+token-grid convs only at visible output positions (unfold + gather + one GEMM, exact).
 
 The spiking encoder's output is the mean over T of ``[T, B, D, h, w]``. Token groups are
 average-pooled to patches when ``patch_size`` is a multiple of the stride. The output passes a
@@ -128,9 +125,13 @@ class MaskedImageModel(nn.Module):
         mask_ratio: fraction of patches masked per sample, in (0, 1).
         decoder_dim, decoder_depth, decoder_heads: decoder width (divisible by 4), blocks, heads.
         norm_pix_loss: predict per-patch normalised pixels (True) or raw (normalised-image) pixels.
+        encoder_path: "visible" (default: blocks over the visible tokens only, static shapes) or
+            "dense" (the original all-token path with boolean-indexing BatchNorms, kept as the oracle).
 
     ``forward(images, mask=None) -> (loss, pred [B, L, p*p*C], mask [B, L] bool, True = masked)``.
     """
+
+    ENCODER_PATHS = ("visible", "dense")
 
     def __init__(
         self,
@@ -142,11 +143,16 @@ class MaskedImageModel(nn.Module):
         decoder_depth: int = 4,
         decoder_heads: int = 4,
         norm_pix_loss: bool = True,
+        encoder_path: str = "visible",
     ) -> None:
         super().__init__()
-        for attr in ("forward_tokens", "patch_stride", "embed_dim", "in_chans", "img_size"):
+        if encoder_path not in self.ENCODER_PATHS:
+            raise ValueError(f"encoder_path must be one of {self.ENCODER_PATHS}, got {encoder_path!r}")
+        needed = ("forward_tokens", "patch_stride", "embed_dim", "in_chans", "img_size")
+        for attr in needed + (("forward_visible",) if encoder_path == "visible" else ()):
             if not hasattr(encoder, attr):
                 raise ValueError(f"encoder {type(encoder).__name__} has no '{attr}': pass a Spikformer")
+        self.encoder_path = encoder_path
         stride = int(encoder.patch_stride)
         patch_size = stride if patch_size is None else int(patch_size)
         if patch_size < stride or patch_size % stride:
@@ -242,9 +248,26 @@ class MaskedImageModel(nn.Module):
 
     def token_active(self, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Patch mask [B, L] (True = masked) -> encoder visibility [B, 1, h, w] (True = visible)."""
+        k, (h, w), B = self.tokens_per_patch, grid, mask.shape[0]
+        visible = ~mask.reshape(B, 1, h, 1, w, 1)
+        return visible.expand(B, 1, h, k, w, k).reshape(B, 1, h * k, w * k)  # static shapes, no host sync
+
+    def visible_index(
+        self, mask: torch.Tensor, grid: tuple[int, int], num_masked: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(patch index [B, n], token index [B, n * k^2]) of the visible patches, every sample masking
+        exactly ``num_masked`` patches: patches in ascending order, their k x k tokens (positions in the
+        row-major token grid) patch by patch. Sorting keeps the shapes static (no ``nonzero``)."""
+        visible = mask.shape[1] - num_masked
+        patch_index = torch.argsort(mask.to(torch.int32), dim=1, stable=True)[:, :visible]
         k = self.tokens_per_patch
-        visible = ~mask.reshape(mask.shape[0], 1, *grid)
-        return visible.repeat_interleave(k, dim=2).repeat_interleave(k, dim=3)
+        if k == 1:
+            return patch_index, patch_index
+        rows, cols = patch_index // grid[1], patch_index % grid[1]
+        offsets = torch.arange(k, device=mask.device)
+        token_rows = (rows * k)[..., None, None] + offsets[:, None]  # [B, n, k, 1]
+        token_cols = (cols * k)[..., None, None] + offsets[None, :]  # [B, n, 1, k]
+        return patch_index, (token_rows * (grid[1] * k) + token_cols).flatten(1)
 
     def _check_mask(self, mask: torch.Tensor, batch: int, num_patches: int) -> torch.Tensor:
         if tuple(mask.shape) != (batch, num_patches):
@@ -257,20 +280,49 @@ class MaskedImageModel(nn.Module):
             raise ValueError("the mask must leave at least one patch masked and one visible in the batch")
         return mask
 
+    @staticmethod
+    def _uniform_count(mask: torch.Tensor) -> int | None:
+        """Masked patches per sample if every sample masks the same number, else None (a host read:
+        given masks only; random masks have a count known from the shapes)."""
+        counts = mask.sum(dim=1)
+        return int(counts[0]) if bool((counts == counts[0]).all()) else None
+
     # --- forward ----------------------------------------------------------------------------------
 
     def forward_encoder(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Encoder tokens per patch [B, L, D] (before the decoder's LayerNorm).
+        """Encoder tokens per patch [B, L, D] (before the decoder's LayerNorm), by the model's path.
 
         With a mask (True = masked) the encoder runs sparse: masked pixels never reach visible
         positions and masked patches come out as zeros. ``mask=None`` runs it densely (no masking).
         """
+        count = None if mask is None or self.encoder_path == "dense" else self._uniform_count(mask)
+        if count is None:
+            return self.forward_encoder_dense(images, mask)
+        latent, index = self.forward_encoder_visible(images, mask, count)
+        B, L, D = mask.shape[0], mask.shape[1], latent.shape[-1]
+        return latent.new_zeros(B, L, D).scatter(1, index.unsqueeze(-1).expand(-1, -1, D), latent)
+
+    def forward_encoder_dense(self, images: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The all-token path: [B, L, D], masked patches zero; the reference BatchNorms on the dense path."""
         grid = self.patch_grid(images.shape)
         active = None if mask is None else self.token_active(mask, grid)
-        tokens = self.encoder.forward_tokens(images, active).mean(dim=0)  # [B, D, h, w]
+        indexed = self.encoder_path == "dense"
+        tokens = self.encoder.forward_tokens(images, active, indexed_bn=indexed).mean(dim=0)  # [B, D, h, w]
         if self.tokens_per_patch > 1:
             tokens = F.avg_pool2d(tokens, self.tokens_per_patch)
         return tokens.flatten(2).transpose(1, 2)
+
+    def forward_encoder_visible(
+        self, images: torch.Tensor, mask: torch.Tensor, num_masked: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens of the visible patches [B, n, D], their patch index [B, n]): the fast path."""
+        grid = self.patch_grid(images.shape)
+        patch_index, token_index = self.visible_index(mask, grid, num_masked)
+        tokens = self.encoder.forward_visible(images, self.token_active(mask, grid), token_index).mean(dim=0)
+        group = self.tokens_per_patch**2
+        if group > 1:  # [B, D, n * k^2] patch by patch -> mean of each patch's tokens
+            tokens = tokens.unflatten(2, (-1, group)).mean(dim=-1)
+        return tokens.transpose(1, 2), patch_index
 
     def _pos_embed(self, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         if grid == self.grid_size:
@@ -283,6 +335,20 @@ class MaskedImageModel(nn.Module):
         """Predicted pixels [B, L, p*p*C] from encoder tokens [B, L, D] and the mask [B, L]."""
         x = self.decoder_embed(self.latent_norm(latent))
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        return self._decode(x, grid)
+
+    def forward_decoder_visible(
+        self, latent: torch.Tensor, patch_index: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Predicted pixels [B, L, p*p*C] from the visible patches' tokens [B, n, D] (MAE's layout):
+        embedded, placed at their patches, mask tokens everywhere else."""
+        x = self.decoder_embed(self.latent_norm(latent))
+        B, _, width = x.shape
+        full = self.mask_token.to(x.dtype).expand(B, grid[0] * grid[1], width)
+        x = full.scatter(1, patch_index.unsqueeze(-1).expand(-1, -1, width), x)
+        return self._decode(x, grid)
+
+    def _decode(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         x = x + self._pos_embed(grid, x)
         for block in self.decoder_blocks:
             x = block(x)
@@ -304,17 +370,26 @@ class MaskedImageModel(nn.Module):
     def forward(
         self, images: torch.Tensor, mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, pred [B, L, p*p*C], mask [B, L] bool, True = masked); random mask when None."""
+        """(loss, pred [B, L, p*p*C], mask [B, L] bool, True = masked); random mask when None.
+
+        The visible-token path needs the same number of masked patches in every sample: always true
+        of the random masks; a given mask that differs per sample runs the dense path (same function).
+        """
         if images.dim() != 4 or images.shape[1] != self.in_chans:
             raise ValueError(f"expected images [B, {self.in_chans}, H, W], got shape {tuple(images.shape)}")
         grid = self.patch_grid(images.shape)
         batch, num_patches = images.shape[0], grid[0] * grid[1]
         if mask is None:
             mask = self.random_mask(batch, images.device, grid_size=grid)
+            count = self.masked_per_sample(num_patches)  # from the shapes: no host read
         else:
             mask = self._check_mask(mask.to(images.device), batch, num_patches)
-        latent = self.forward_encoder(images, mask)
-        pred = self.forward_decoder(latent, mask, grid)
+            count = self._uniform_count(mask)
+        if self.encoder_path == "visible" and count is not None:
+            latent, patch_index = self.forward_encoder_visible(images, mask, count)
+            pred = self.forward_decoder_visible(latent, patch_index, grid)
+        else:
+            pred = self.forward_decoder(self.forward_encoder_dense(images, mask), mask, grid)
         return self.forward_loss(images, pred, mask), pred, mask
 
     # --- export and optimiser conventions ---------------------------------------------------------

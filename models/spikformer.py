@@ -6,7 +6,7 @@ repeated T times (direct encoding); logits = head(mean over T of the mean over t
 
 Module and parameter names follow the official V1 ImageNet code (ZK-Zhou/spikformer,
 imagenet/model.py: ``patch_embed.proj_conv``, ``block.0.attn.q_conv``, ``block.0.mlp.fc1_conv``,
-``head``) so that V1 checkpoints load by name (see ``models.checkpoint``). The official blocks also
+``head``) so that V1 checkpoints load by name (see ``models.v1_weights``). The official blocks also
 build two LayerNorms they never call; we do not build them (the loader ignores their keys).
 
 Masking hook for masked-image modelling (SparK style): ``forward_tokens(x, active)`` with ``active``
@@ -23,6 +23,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from timm.layers.drop import drop_path as _timm_drop_path
 from timm.models import register_model
@@ -39,20 +40,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # --------------------------------------------------------------------------------------------------
 
 
-class VisibleMask:
-    """A token-grid visibility mask [B, 1, h, w], expanded on demand to finer grids and to T*B rows."""
+def _upsample_nearest(active: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bool [B, 1, h, w] -> [B, 1, height, width] by an integer factor (expand + reshape: static shapes)."""
+    B, _, h, w = active.shape
+    if height % h or width % w:
+        raise ValueError(f"cannot upsample a {h}x{w} token mask to {height}x{width}")
+    fh, fw = height // h, width // w
+    return active[:, :, :, None, :, None].expand(B, 1, h, fh, w, fw).reshape(B, 1, height, width)
 
-    def __init__(self, active: torch.Tensor, T: int) -> None:
+
+class VisibleMask:
+    """A token-grid visibility mask [B, 1, h, w], expanded on demand to finer grids and to T*B rows.
+
+    ``indexed_bn=True`` makes the BatchNorms of this forward use ``forward_indexed`` (boolean
+    indexing, the original implementation kept as the oracle) instead of masked sums.
+    """
+
+    def __init__(self, active: torch.Tensor, T: int, indexed_bn: bool = False) -> None:
         self.active = active
         self.T = T
+        self.indexed_bn = indexed_bn
         self._rows: dict[tuple[int, int], torch.Tensor] = {}
+        self._weights: dict[tuple, torch.Tensor] = {}
 
     def grid(self, height: int, width: int) -> torch.Tensor:
         """Bool [B, 1, height, width]: the token mask nearest-upsampled by an integer factor."""
-        h, w = self.active.shape[-2:]
-        if height % h or width % w:
-            raise ValueError(f"cannot upsample a {h}x{w} token mask to {height}x{width}")
-        return self.active.repeat_interleave(height // h, dim=2).repeat_interleave(width // w, dim=3)
+        return _upsample_nearest(self.active, height, width)
 
     def rows(self, height: int, width: int) -> torch.Tensor:
         """Bool [T*B, 1, height, width], matching ``x.flatten(0, 1)`` of a [T, B, ...] tensor."""
@@ -61,14 +74,25 @@ class VisibleMask:
             self._rows[key] = self.grid(height, width).repeat(self.T, 1, 1, 1)
         return self._rows[key]
 
+    def keep(self, y: torch.Tensor) -> torch.Tensor:
+        """The bool keep-mask broadcastable to a [T*B, C, H, W] or token [T*B, C, N] tensor."""
+        return self.token_rows() if y.dim() == 3 else self.rows(*y.shape[-2:])
+
+    def weights(self, y: torch.Tensor) -> torch.Tensor:
+        """``keep(y)`` as 0/1 in y's dtype (cached): multiplying by it is several times faster on CPU
+        than ``masked_fill`` with a broadcast bool mask."""
+        key = (y.dim(), *y.shape[-2:], y.dtype)
+        if key not in self._weights:
+            self._weights[key] = self.keep(y).to(y.dtype)
+        return self._weights[key]
+
     def apply(self, y: torch.Tensor) -> torch.Tensor:
-        """Zero the masked positions of a [T*B, C, H, W] or token [T*B, C, N] tensor."""
-        keep = self.token_rows() if y.dim() == 3 else self.rows(*y.shape[-2:])
-        return y.masked_fill(~keep, 0.0)
+        """Zero the masked positions of a [T*B, C, H, W] or token [T*B, C, N] tensor (finite values)."""
+        return y * self.weights(y)
 
     def apply_seq(self, x: torch.Tensor) -> torch.Tensor:
         """Zero the masked positions of a [T, B, C, H, W] tensor."""
-        return x.masked_fill(~self.grid(*x.shape[-2:]).unsqueeze(0), 0.0)
+        return x * self.grid(*x.shape[-2:]).unsqueeze(0).to(x.dtype)
 
     def token_rows(self) -> torch.Tensor:
         """Bool [T*B, 1, N] for [T*B, C, N] token tensors."""
@@ -76,12 +100,88 @@ class VisibleMask:
         return self.rows(h, w).flatten(2)
 
 
-def _rows(mask: VisibleMask | None, y: torch.Tensor) -> torch.Tensor | None:
-    return None if mask is None else mask.rows(*y.shape[-2:])
+class VisibleTokens:
+    """The visible tokens of a masked batch as an index: the encoder's fast path for MIM.
+
+    ``index`` [B, n] (int64) lists, per sample, n positions of the row-major h x w token grid, all of
+    them visible; every sample has the same n (MIM masks exactly round(L * ratio) patches), so every
+    shape below is static. Tokens are carried as [T*B, C, n] in the order of ``index``.
+    """
+
+    def __init__(self, index: torch.Tensor, grid: tuple[int, int], T: int) -> None:
+        if index.dim() != 2 or index.dtype != torch.int64:
+            raise ValueError(f"index must be an int64 tensor [B, n], got {index.dtype} {tuple(index.shape)}")
+        self.index = index
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.T = T
+        self._rows = index.repeat(T, 1).unsqueeze(1)  # [T*B, 1, n]
+        self._neighbour_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    @property
+    def count(self) -> int:
+        return self.index.shape[1]
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """[T*B, C, h, w] grid -> [T*B, C, n] visible tokens."""
+        flat = y.flatten(2)
+        return flat.gather(2, self._rows.expand(-1, flat.shape[1], -1))
+
+    def scatter(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[T*B, C, n] visible tokens -> [T*B, C, h, w] grid, zeros at every other position."""
+        rows, channels, _ = tokens.shape
+        grid = tokens.new_zeros(rows, channels, self.grid[0] * self.grid[1])
+        return grid.scatter(2, self._rows.expand(-1, channels, -1), tokens).view(rows, channels, *self.grid)
+
+    def _neighbours(self, conv: nn.Conv2d) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(visible positions [T*B, 1, n], their k x k neighbourhoods [T*B, 1, k*k*n] ordered (ky, kx, n)),
+        both as positions in the zero-padded grid, and the padded grid's size."""
+        (h, w), (kh, kw), (dh, dw), (ph, pw) = self.grid, conv.kernel_size, conv.dilation, conv.padding
+        if conv.groups != 1 or conv.stride != (1, 1) or conv.padding_mode != "zeros":
+            raise ValueError(f"visible-position convolution needs groups=1, stride 1, zero padding; got {conv}")
+        if 2 * ph != dh * (kh - 1) or 2 * pw != dw * (kw - 1):
+            raise ValueError(f"{conv} does not preserve the {h}x{w} token grid")
+        width = w + 2 * pw
+        rows, cols = self.index // w + ph, self.index % w + pw  # [B, n] in the padded grid
+        dy = torch.arange(kh, device=rows.device) * dh - ph
+        dx = torch.arange(kw, device=rows.device) * dw - pw
+        around_rows = rows[:, None, None, :] + dy[None, :, None, None]  # [B, kh, 1, n]
+        around = around_rows * width + cols[:, None, None, :] + dx[None, None, :, None]  # [B, kh, kw, n]
+        centre = (rows * width + cols).repeat(self.T, 1).unsqueeze(1)
+        return centre, around.flatten(1).repeat(self.T, 1).unsqueeze(1), (h + 2 * ph) * width
+
+    def conv(self, conv: nn.Conv2d, tokens: torch.Tensor) -> torch.Tensor:
+        """``conv`` of the zero-filled grid, evaluated at the visible output positions only.
+
+        Exact (up to summation order): the visible tokens go into a zero-padded grid, each output
+        position gathers its k x k neighbourhood (im2col at n positions only), one batched GEMM.
+        Costs n / (h * w) of the dense conv's multiply-accumulates.
+        """
+        key = (conv.kernel_size, conv.dilation, conv.padding)
+        if key not in self._neighbour_cache:
+            self._neighbour_cache[key] = self._neighbours(conv)
+        centre, around, size = self._neighbour_cache[key]
+        rows, channels, n = tokens.shape
+        padded = tokens.new_zeros(rows, channels, size).scatter(2, centre.expand(-1, channels, -1), tokens)
+        cols = padded.gather(2, around.expand(-1, channels, -1)).view(rows, -1, n)  # [T*B, C*k*k, n]
+        out = torch.matmul(conv.weight.flatten(1), cols)  # [T*B, C_out, n]
+        return out if conv.bias is None else out + conv.bias[:, None]
 
 
 def _zero_masked(mask: VisibleMask | None, y: torch.Tensor) -> torch.Tensor:
     return y if mask is None else mask.apply(y)
+
+
+def _norm(bn: nn.Module, y: torch.Tensor, mask: VisibleMask | None) -> torch.Tensor:
+    """BatchNorm with visible-only statistics under a mask (masked sums, or the indexed oracle)."""
+    if mask is None:
+        return bn(y)
+    keep = mask.keep(y)
+    return bn.forward_indexed(y, keep) if mask.indexed_bn else bn(y, keep)
+
+
+def _norm_tokens(bn: nn.BatchNorm2d, tokens: torch.Tensor) -> torch.Tensor:
+    """A plain BatchNorm2d over [T*B, C, n] gathered tokens (statistics = visible-only statistics)."""
+    return bn(tokens.unsqueeze(2)).squeeze(2)
 
 
 def _seq(lif: nn.Module, y: torch.Tensor, T: int) -> torch.Tensor:
@@ -98,15 +198,93 @@ def _fire(lif: nn.Module, y: torch.Tensor, T: int, mask: VisibleMask | None) -> 
     return _zero_masked(mask, _seq(lif, y, T))
 
 
+class _MaskedNormalize(torch.autograd.Function):
+    """BatchNorm's normalisation with given masked batch statistics, zeroed where the 0/1 mask m is 0.
+
+    Forward: ``F.batch_norm`` with (mean, var) as fixed statistics, times m. Backward: BatchNorm's
+    batch-statistics gradient over the n positions where m = 1,
+    dx = m * a * (g - sum(g) / n - (x - mean) * invstd^2 * sum(g (x - mean)) / n), g = m dy,
+    a = invstd * weight; both sums come from one pass of PyTorch's fused BatchNorm backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, m, mean, var, weight, bias, count, eps):
+        stats = mean.dtype  # float32 at least; weight and bias follow it (a bf16 input is fine)
+        weight = torch.ones_like(mean) if weight is None else weight.to(stats)
+        bias_used = bias is not None
+        bias = None if bias is None else bias.to(stats)
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps) * m.to(x.dtype)
+        ctx.save_for_backward(x, m, mean, torch.rsqrt(var + eps), weight, count)
+        ctx.eps, ctx.bias_used = eps, bias_used
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, m, mean, invstd, weight, count = ctx.saved_tensors
+        shape = (1, -1, *(1,) * (x.dim() - 2))
+        g = grad_out * m.to(grad_out.dtype)
+        # sums only: sum(g (x - mean) invstd) -> "grad_weight", sum(g) -> "grad_bias"
+        _, dot, sum_g = torch.ops.aten.native_batch_norm_backward(
+            g, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True]
+        )
+        alpha = invstd * weight
+        k = alpha * invstd * dot / count  # per channel: a * invstd^2 * sum(g (x - mean)) / n
+        offset = k * mean - alpha * sum_g / count
+        grad_x = g * alpha.view(shape).to(g.dtype)
+        grad_x += x * (-k).view(shape).to(x.dtype)
+        grad_x += offset.view(shape).to(grad_x.dtype)
+        grad_x *= m.to(grad_x.dtype)
+        return grad_x, None, None, None, dot, sum_g if ctx.bias_used else None, None, None
+
+
+def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``bn`` over the positions where ``keep`` is True; zeros elsewhere. Static shapes, no host sync.
+
+    Batch statistics are masked sums over the batch and spatial dims (in float32 at least):
+    mean = sum(m x) / n, biased var = sum(m (x - mean)^2) / n, the same two-pass estimate
+    ``nn.BatchNorm`` uses; running statistics move exactly as there (momentum, or the cumulative
+    average when momentum is None; unbiased variance n / (n - 1)); eval mode uses them.
+    """
+    keep = keep.expand(x.shape[0], 1, *x.shape[2:])
+    if not (bn.training or not bn.track_running_stats):
+        # running statistics: normalising everything, then zeroing, equals the visible-only path
+        out = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return out * keep.to(out.dtype)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    dims = [0, *range(2, x.dim())]
+    shape = (1, -1, *(1,) * (x.dim() - 2))
+    m = keep.to(dtype)
+    with torch.no_grad():
+        count = m.sum(dims)  # [1]: the same number of visible positions for every channel
+        mean = (x.detach() * m).sum(dims, dtype=dtype) / count
+        var = ((x.detach() - mean.view(shape)) * m).square().sum(dims) / count
+        if bn.training and bn.track_running_stats:
+            bn.num_batches_tracked.add_(1)
+            # the parent's update: running = (1 - f) * running + f * batch statistic
+            factor = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.to(dtype)
+            unbiased = var * count / (count - 1)
+            for buffer, value in ((bn.running_mean, mean), (bn.running_var, unbiased)):
+                buffer.copy_(buffer.to(dtype) * (1.0 - factor) + value * factor)
+    return _MaskedNormalize.apply(x, m, mean, var, bn.weight, bn.bias, count, bn.eps)
+
+
 class _VisibleStatsMixin:
-    """BatchNorm over visible positions only; keeps the parent's parameters, buffers and names."""
+    """BatchNorm over visible positions only; keeps the parent's parameters, buffers and names.
+
+    ``forward(x, active)`` uses ``masked_batch_norm`` (masked sums); ``forward_indexed`` is the
+    original boolean-indexing implementation (compact the visible positions, run the parent, scatter
+    back), kept as the reference: it has a data-dependent shape (a host sync on CUDA, a graph break
+    under torch.compile).
+    """
 
     def forward(self, x: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         if active is None:
             return super().forward(x)
+        return masked_batch_norm(self, x, active)
+
+    def forward_indexed(self, x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         keep = active.expand(x.shape[0], 1, *x.shape[2:])
         if not self.training and self.track_running_stats:
-            # running statistics: normalising everything, then zeroing, equals the visible-only path
             return super().forward(x).masked_fill(~keep, 0.0)
         channels = x.shape[1]
         keep = keep.movedim(1, -1).squeeze(-1)  # [N, *S]
@@ -147,20 +325,38 @@ class TimeDropPath(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+class VisibleConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that can also run at the visible token positions only.
+
+    ``forward(x)`` is the plain conv; ``forward(tokens, visible)`` takes visible tokens [T*B, C, n]
+    (zeros everywhere else on the grid) and returns the conv's output at those positions,
+    [T*B, C_out, n] (``VisibleTokens.conv``). Going through ``__call__`` keeps forward hooks (FLOP
+    counts, energy probes) seeing the work actually done.
+    """
+
+    def forward(self, x: torch.Tensor, visible: VisibleTokens | None = None) -> torch.Tensor:
+        return super().forward(x) if visible is None else visible.conv(self, x)
+
+
 class SpikingConvUnit(nn.Module):
     """Residual Conv3x3 -> BN -> LIF at constant width: the SCS's supplementary layer."""
 
     def __init__(self, dim: int, residual: bool = True, lif_kwargs: dict | None = None) -> None:
         super().__init__()
         self.residual = residual
-        self.conv = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv = VisibleConv2d(dim, dim, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn = MaskedBatchNorm2d(dim)
         self.lif = MultiStepLIF(**(lif_kwargs or {}))
 
     def forward(self, y: torch.Tensor, T: int, mask: VisibleMask | None = None) -> torch.Tensor:
         out = _zero_masked(mask, self.conv(y))
-        out = _fire(self.lif, self.bn(out, _rows(mask, out)), T, mask)
+        out = _fire(self.lif, _norm(self.bn, out, mask), T, mask)
         return y + out if self.residual else out
+
+    def forward_visible(self, tokens: torch.Tensor, T: int, visible: VisibleTokens) -> torch.Tensor:
+        """The same layer on visible tokens [T*B, C, n] of the token grid (masked positions are zero)."""
+        out = _seq(self.lif, _norm_tokens(self.bn, self.conv(tokens, visible)), T)
+        return tokens + out if self.residual else out
 
 
 class SPS(nn.Module):
@@ -171,7 +367,10 @@ class SPS(nn.Module):
     how many of the four stages down-sample (the last ones, as in the official CIFAR model): 4 gives
     stride 16 (224 px -> 14x14 tokens), 2 gives stride 4 (32 px -> 8x8 tokens).
 
-    Input [T, B, C, H, W], output [T, B, D, H/stride, W/stride].
+    Input [T, B, C, H, W], output [T, B, D, H/stride, W/stride]. With ``visible`` (MIM's fast path,
+    which also needs ``mask``) the layers on the token grid (the last stage's supplementary layers and
+    the RPE) run at the visible positions only and the output is [T, B, D, n] visible tokens: the
+    same values as the masked dense stem at those positions.
     """
 
     num_stages = 4
@@ -196,7 +395,7 @@ class SPS(nn.Module):
             if self.pooled[k]:
                 setattr(self, f"maxpool{suffix}", nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
             prev = width
-        self.rpe_conv = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1, bias=False)
+        self.rpe_conv = VisibleConv2d(embed_dim, embed_dim, 3, 1, 1, bias=False)
         self.rpe_bn = MaskedBatchNorm2d(embed_dim)
         self.rpe_lif = MultiStepLIF(**lif_kwargs)
 
@@ -214,20 +413,33 @@ class SPS(nn.Module):
         """Supplementary layers after stage k (none in V1)."""
         return ()
 
-    def forward(self, x: torch.Tensor, mask: VisibleMask | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: VisibleMask | None = None, visible: VisibleTokens | None = None
+    ) -> torch.Tensor:
+        if visible is not None and mask is None:
+            raise ValueError("the visible-token stem also needs the mask of its dense layers")
         T = x.shape[0]
+        last = self.num_stages - 1
         y = _zero_masked(mask, x.flatten(0, 1))
         for k in range(self.num_stages):
             conv, bn, lif, pool = self._stage(k)
             y = _zero_masked(mask, conv(y))
-            y = _fire(lif, bn(y, _rows(mask, y)), T, mask)
+            y = _fire(lif, _norm(bn, y, mask), T, mask)
             if pool is not None:
                 y = _zero_masked(mask, pool(y))
+            if k == last and visible is not None:
+                break  # the token grid: its layers run on visible tokens below
             for unit in self.extra_units(k):
                 y = unit(y, T, mask)
+        if visible is not None:
+            tokens = visible.gather(y)  # [T*B, D, n]
+            for unit in self.extra_units(last):
+                tokens = unit.forward_visible(tokens, T, visible)
+            rpe = _seq(self.rpe_lif, _norm_tokens(self.rpe_bn, self.rpe_conv(tokens, visible)), T)
+            return (rpe + tokens).reshape(T, -1, *tokens.shape[1:])
         feat = y
         y = _zero_masked(mask, self.rpe_conv(y))
-        y = _fire(self.rpe_lif, self.rpe_bn(y, _rows(mask, y)), T, mask) + feat
+        y = _fire(self.rpe_lif, _norm(self.rpe_bn, y, mask), T, mask) + feat
         return y.reshape(T, -1, *y.shape[1:])
 
 
@@ -277,10 +489,27 @@ class SCS(SPS):
 # --------------------------------------------------------------------------------------------------
 
 
+def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """(Q K^T V)^T * scale per head for spike tensors q, k, v [..., d, N] (K^T V first: no N x N).
+
+    Exact for spikes: both products run in float32 (at least) outside autocast, whatever the input
+    dtype. In bf16 (8 significant bits) the counts of K^T V (up to N) and Q (K^T V) (up to N d) round
+    above 256, which would move attention spikes. The result is float32 (float64 for float64 input).
+    """
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    device = q.device.type
+    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
+    with off:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        kv = k @ v.transpose(-1, -2)  # [..., d, d] = (K^T V) per head
+        return (kv.transpose(-1, -2) @ q) * scale  # [..., d, N] = (Q K^T V)^T
+
+
 class SSA(nn.Module):
     """Spiking Self-Attention: Q, K, V spikes, out = LIF_{0.5}(Q (K^T V) * scale), no softmax.
 
     K^T V is computed first ([d, d] per head: O(N d^2)); no N x N tensor and no loop over heads.
+    The products are exact under bf16 (``spike_attention``).
     """
 
     def __init__(
@@ -315,8 +544,7 @@ class SSA(nn.Module):
 
     def _spikes(self, name: str, x: torch.Tensor, T: int, mask: VisibleMask | None) -> torch.Tensor:
         y = _zero_masked(mask, getattr(self, f"{name}_conv")(x))
-        keep = None if mask is None else mask.token_rows()
-        return _fire(getattr(self, f"{name}_lif"), getattr(self, f"{name}_bn")(y, keep), T, mask)
+        return _fire(getattr(self, f"{name}_lif"), _norm(getattr(self, f"{name}_bn"), y, mask), T, mask)
 
     def forward(self, x: torch.Tensor, mask: VisibleMask | None = None) -> torch.Tensor:
         T, B, C, H, W = x.shape
@@ -326,12 +554,10 @@ class SSA(nn.Module):
         q = self._spikes("q", rows, T, mask).reshape(heads)
         k = self._spikes("k", rows, T, mask).reshape(heads)
         v = self._spikes("v", rows, T, mask).reshape(heads)
-        kv = k @ v.transpose(-1, -2)  # [T, B, h, d, d] = (K^T V) per head
-        out = (kv.transpose(-1, -2) @ q) * self.scale  # [T, B, h, d, N] = (Q K^T V)^T
-        out = _fire(self.attn_lif, out.reshape(T * B, C, N), T, mask)
+        out = spike_attention(q, k, v, self.scale)  # [T, B, h, d, N], float32 at least
+        out = _fire(self.attn_lif, out.reshape(T * B, C, N), T, mask).to(rows.dtype)  # spikes: exact
         out = _zero_masked(mask, self.proj_conv(out))
-        keep = None if mask is None else mask.token_rows()
-        out = _fire(self.proj_lif, self.proj_bn(out, keep), T, mask)
+        out = _fire(self.proj_lif, _norm(self.proj_bn, out, mask), T, mask)
         return out.reshape(T, B, C, H, W)
 
 
@@ -351,9 +577,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, mask: VisibleMask | None = None) -> torch.Tensor:
         T = x.shape[0]
         y = _zero_masked(mask, self.fc1_conv(x.flatten(0, 1)))
-        y = _fire(self.fc1_lif, self.fc1_bn(y, _rows(mask, y)), T, mask)
+        y = _fire(self.fc1_lif, _norm(self.fc1_bn, y, mask), T, mask)
         y = _zero_masked(mask, self.fc2_conv(y))
-        y = _fire(self.fc2_lif, self.fc2_bn(y, _rows(mask, y)), T, mask)
+        y = _fire(self.fc2_lif, _norm(self.fc2_bn, y, mask), T, mask)
         return y.reshape(x.shape)
 
 
@@ -497,25 +723,52 @@ class Spikformer(nn.Module):
                 f"active must be a bool tensor of shape {(batch, 1, *grid)}, got {active.dtype} {tuple(active.shape)}"
             )
 
-    def forward_tokens(self, x: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_tokens(
+        self, x: torch.Tensor, active: torch.Tensor | None = None, *, indexed_bn: bool = False
+    ) -> torch.Tensor:
         """Encoder output before pooling, [T, B, D, h, w].
 
         ``x``: images [B, C, H, W] (repeated ``self.T`` times) or a spike/frame sequence [T, B, C, H, W].
         ``active``: optional bool [B, 1, h, w] on the token grid (True = visible). When given, every
         output at a visible position is independent of the input at masked positions, and masked
-        positions of the output are zero.
+        positions of the output are zero. ``indexed_bn`` runs the masked BatchNorms through their
+        boolean-indexing reference (``forward_indexed``) instead of masked sums: the original path.
         """
         x = self._encode_input(x)
         mask = None
         if active is not None:
             self._check_active(active, x)
-            mask = VisibleMask(active, x.shape[0])
+            mask = VisibleMask(active, x.shape[0], indexed_bn=indexed_bn)
         x = self.patch_embed(x, mask)
         if mask is not None:
             x = mask.apply_seq(x)
         for blk in self.block:
             x = blk(x, mask)
         return x
+
+    def forward_visible(self, x: torch.Tensor, active: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Encoder output at the visible tokens only, [T, B, D, n]: MIM's fast path.
+
+        ``active``: bool [B, 1, h, w] (True = visible), as for ``forward_tokens``; ``index``: int64
+        [B, n], per sample n distinct visible positions of the row-major token grid (the same n for
+        every sample; the output follows this order). The stem runs dense and masked up to the token
+        grid, then its token-grid layers and all blocks run on the n gathered tokens, whose plain
+        BatchNorm statistics are visible-only statistics. Equal to ``forward_tokens(x, active)`` at
+        those positions (masked tokens contribute nothing to K^T V; every other op is per token), at
+        about n / (h w) of the blocks' cost. ``index`` is trusted to match ``active``: it is not
+        checked, as that would need a host sync.
+        """
+        x = self._encode_input(x)
+        self._check_active(active, x)
+        T, grid = x.shape[0], tuple(active.shape[-2:])
+        if index.shape[0] != active.shape[0] or not 0 < index.shape[-1] <= grid[0] * grid[1]:
+            raise ValueError(f"index must be [{active.shape[0]}, n] with 0 < n <= {grid[0] * grid[1]}, "
+                             f"got {tuple(index.shape)}")
+        tokens = self.patch_embed(x, VisibleMask(active, T), VisibleTokens(index, grid, T))  # [T, B, D, n]
+        tokens = tokens.unsqueeze(3)  # [T, B, D, 1, n]: the blocks' [T, B, C, H, W] layout
+        for blk in self.block:
+            tokens = blk(tokens)
+        return tokens.squeeze(3)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features [B, D]: mean over tokens, then over time steps."""
