@@ -16,16 +16,22 @@ from pipeline.errors import PipelineError
 BUILD = dict(split="train", shard_max_count=200, workers=0, progress=False)  # 1437 digits -> 8 shards
 
 
-def overwrite_inside_png(shard: Path, nbytes: int = 64) -> str:
-    """Overwrite `nbytes` in the middle of the shard's first PNG (tar framing intact); returns its key."""
-    data = bytearray(shard.read_bytes())
-    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+def rot_png(shard: bytes, nbytes: int = 64) -> tuple[bytes, str]:
+    """The shard with `nbytes` overwritten inside its first PNG (tar framing intact), and that sample's key."""
+    data = bytearray(shard)
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
     assert member.size > 41 + nbytes, member.size
     start = member.offset_data + 41  # past the PNG signature and IHDR: inside IDAT
     data[start : start + nbytes] = b"\xff" * nbytes
-    shard.write_bytes(bytes(data))
-    return member.name.split(".", 1)[0]
+    return bytes(data), member.name.split(".", 1)[0]
+
+
+def overwrite_inside_png(shard: Path, nbytes: int = 64) -> str:
+    """rot_png on a local shard file; returns the damaged sample's key."""
+    data, key = rot_png(shard.read_bytes(), nbytes)
+    shard.write_bytes(data)
+    return key
 
 
 def test_rotted_shard_is_rewritten_named_and_the_digest_kept(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
