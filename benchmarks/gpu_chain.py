@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,10 +69,14 @@ def write_shards(work: Path, split: str, shard_max: int, env: dict[str, str]) ->
     command = [sys.executable, "-m", "pipeline", "shards", "imagefolder", str(work / "shards"),
                "--root", str(work / "images" / split), "--split", split, "--shard-max-count", str(shard_max),
                "--no-ray", "--no-progress"]
-    subprocess.run(command, cwd=ROOT, env=env, check=True)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    print(done.stdout + done.stderr)
+    if done.returncode != 0:
+        lines = (done.stdout + done.stderr).strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"shards {split}: exit status {done.returncode}: {lines[-1]}")
     manifest = work / "shards" / f"{split}.manifest.json"
     if not manifest.is_file():
-        raise SystemExit(f"gpu_chain: the writer left no {manifest}")
+        raise RuntimeError(f"shards {split}: the writer left no {manifest}")
     return str(manifest)
 
 
@@ -103,6 +108,21 @@ def job_spec(work: Path, manifests: dict[str, str], size: dict, dry: bool) -> di
         "mlflow": {"tracking_uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": EXPERIMENT,
                    "registered_model": "gpu-check-classifier"},
     }
+
+
+def run_launcher(command: list[str], env: dict[str, str], log, timeout: float | None) -> int | str:
+    """Exit status of torchrun, or "timeout": then SIGTERM, which torchrun passes on to its workers."""
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        return launcher.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            launcher.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            launcher.wait()
+        return "timeout"
 
 
 def read_runs(tracking_uri: str) -> tuple[dict, list[dict]]:
@@ -143,7 +163,28 @@ def main(argv: list[str] | None = None) -> int:
         env["NCCL_DEBUG"] = "VERSION"  # NCCL prints its version once it sets up a communicator
 
     started = time.perf_counter()
-    result: dict = {"dry": args.dry, "sizes": size, "checks": {}}
+    result: dict = {"dry": args.dry, "sizes": size, "checks": {}, "problems": []}
+    try:
+        chain(work, size, env, args, result)
+    except Exception as exc:  # noqa: BLE001 (recorded: the JSON says what broke)
+        result["problems"].append(f"{type(exc).__name__}: {exc}")
+    checks = result["checks"]
+    result["problems"] += [f"check failed: {name}" for name, ok in checks.items() if not ok]
+    result["status"] = "passed" if checks and not result["problems"] else "failed"
+    result["wall_s"] = time.perf_counter() - started
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    for name, ok in checks.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}")
+    for problem in result["problems"]:
+        print(f"PROBLEM: {problem}")
+    print(f"chain {result['status']} in {result['wall_s']:.0f} s")
+    return 0 if result["status"] == "passed" else 1
+
+
+def chain(work: Path, size: dict, env: dict[str, str], args: argparse.Namespace, result: dict) -> None:
+    """Shards, spec, launch, store checks: fills ``result`` as it goes."""
+    started = time.perf_counter()
     for split, seed in (("train", 0), ("val", 1)):
         write_images(work / "images", split, size[split], size["classes"], size["img"], seed)
     manifests = {split: write_shards(work, split, size["shard"], env) for split in ("train", "val")}
@@ -159,15 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     result["command"] = " ".join(command[1:])
     launch_start = time.perf_counter()
     with (work / "launcher.log").open("w") as log:
-        try:
-            done = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=args.timeout)
-            result["launcher_rc"] = done.returncode
-        except subprocess.TimeoutExpired:
-            result["launcher_rc"] = "timeout"
+        result["launcher_rc"] = run_launcher(command, env, log, args.timeout)
     result["launcher_s"] = time.perf_counter() - launch_start
     text = (work / "launcher.log").read_text(errors="replace")
     result["launcher_log_tail"] = text[-4000:]
+    print(text[-3000:])
 
     stages, jobs = read_runs(spec["mlflow"]["tracking_uri"])
     result["runs"], result["job_runs"] = stages, jobs
@@ -178,15 +215,6 @@ def main(argv: list[str] | None = None) -> int:
         checks[f"{stage} run FINISHED"] = stages.get(stage, {}).get("status") == "FINISHED"
     if not args.dry:  # the engine takes nccl when CUDA is there; this says NCCL really ran
         checks["NCCL communicator set up"] = "NCCL version" in text
-    result["status"] = "passed" if all(checks.values()) else "failed"
-    result["wall_s"] = time.perf_counter() - started
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1, default=str))
-    for name, ok in checks.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    print(f"chain {result['status']} in {result['wall_s']:.0f} s (launcher {result['launcher_s']:.0f} s)")
-    return 0 if result["status"] == "passed" else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,7 +10,8 @@ The venv's copies of the image's packages may be newer than the image's and need
 require (as installed here) is kept visible too, so only the project's own needs are judged.
 
 DEVICE_SIM_HIDDEN=FILE caches the hidden file list (computed once, then read by every process);
-DEVICE_SIM_LOG=FILE gets one line per hidden module that something tried to import.
+DEVICE_SIM_LOG=FILE gets one line per hidden module that something tried to import;
+DEVICE_SIM_EXTRA_HIDE=NAME,NAME hides these distributions too (to see the dry run fail without a wheel).
 """
 
 from __future__ import annotations
@@ -44,11 +45,13 @@ def hidden_files() -> set[str]:
     """Absolute paths of the module files (.py, .so) that only hidden distributions install."""
     packages = _packages()
     dists = {_normal(d.metadata["Name"] or ""): d for d in metadata.distributions()}
+    extra = {_normal(n) for n in os.environ.get("DEVICE_SIM_EXTRA_HIDE", "").split(",") if n}
     on_device = {_normal(n) for n in (*packages.CARRIED, *packages.BUILT)} | _PROJECT
+    on_device -= extra
     todo = [_normal(n) for n in packages.IMAGE_PACKAGES]
     while todo:  # the image's packages and, at the venv's versions, what they need
         name = todo.pop()
-        if name in on_device or name not in dists:
+        if name in on_device or name in extra or name not in dists:
             continue
         on_device.add(name)
         todo.extend(_normal(re.split(r"[ ;<>=!~\[(]", req, maxsplit=1)[0]) for req in dists[name].requires or ()
