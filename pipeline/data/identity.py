@@ -26,6 +26,8 @@ from pipeline.errors import PipelineError
 
 # build.options keys a job may pass through to write_shards, with the writer's defaults
 OPTION_DEFAULTS: dict[str, Any] = {"max_side": None, "jpeg_quality": 90, "val_labels": None, "devkit_meta": None}
+# write_shards arguments that change how, not what, it writes: allowed in options, not fingerprinted
+NOT_FINGERPRINTED = frozenset({"new_version", "workers", "shards_per_task", "progress"})
 FINGERPRINT_CHARS = 12  # in folder names: 48 bits, no clash among the builds one output root holds
 
 
@@ -57,15 +59,17 @@ def build_settings(
 ) -> dict[str, Any]:
     """The canonical settings that define a build's output (split None: the folder-level settings).
 
-    `options` are the job's `data.build.options` (max_side, jpeg_quality, val_labels, devkit_meta);
-    an unknown key is a PipelineError naming it. jpeg_quality counts only where images are re-encoded.
+    `options` are the job's `data.build.options` (max_side, jpeg_quality, val_labels, devkit_meta;
+    new_version, workers, shards_per_task and progress are accepted and left out); an unknown key is
+    a PipelineError naming it. jpeg_quality counts only where images are re-encoded.
     """
-    unknown = sorted(set(options or {}) - set(OPTION_DEFAULTS))
+    options = {k: v for k, v in (options or {}).items() if k not in NOT_FINGERPRINTED}
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
     if unknown:
         raise PipelineError(
             f"data.build.options: unknown option {unknown[0]!r}; known: {', '.join(sorted(OPTION_DEFAULTS))}"
         )
-    merged = {**OPTION_DEFAULTS, **(options or {})}
+    merged = {**OPTION_DEFAULTS, **options}
     encoding = EncodeOptions(max_side=merged["max_side"], jpeg_quality=merged["jpeg_quality"]).recipe
     settings: dict[str, Any] = {
         "format": MANIFEST_FORMAT,

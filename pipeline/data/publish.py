@@ -8,6 +8,8 @@ there, is never replaced, and of two builds racing for one folder exactly one ge
 - memory://: `pipe_file(mode="create")`, atomic within the process;
 - s3:// (and any store whose fsspec backend supports it): one PUT with `If-None-Match: *`,
   which S3 (and moto) refuse with 412 when the key exists; s3fs turns that into FileExistsError.
+  Backends without exclusive create (fsspec's default `pipe_file(mode="create")`) check, then
+  write: correct for one writer at a time, not proof against a race.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ def create_exclusive(url: str, data: bytes) -> bool:
         if fsutil.protocols(fs) & {"file", "local"}:
             _link_local(path, data)
         else:
-            fs.pipe_file(path, data, mode="create")
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except TypeError:  # a backend whose pipe_file has no `mode`: check, then write (not race-free)
+                logger.warning("%s: this store cannot create exclusively; checking first instead", url)
+                if fs.exists(path):
+                    return False
+                fsutil.atomic_write_bytes(url, data)
     except FileExistsError:
         return False
     except Exception as exc:
