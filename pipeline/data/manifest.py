@@ -7,7 +7,12 @@ Layout (`{split}.manifest.json` in the shard folder, written last by the writer)
      "classes": ["cat", "dog"], "num_samples": 1234,
      "shards": [{"url": "train-000000.tar", "samples": 617, "bytes": 81920, "sha256": "..."}, ...],
      "skipped": [{"file": "cat/broken.jpg", "reason": "cannot identify image file"}],
-     "writer": {"shard_max_count": 1000, "shard_max_mb": null, "max_side": null, "seed": 0, ...}}
+     "writer": {"shard_max_count": 1000, "shard_max_mb": null, "seed": 0, "encoding": "original",
+                "fingerprint": "<sha256 of the build settings>", "plan": "<sha256 of settings + samples>",
+                "build": {<the settings>}}}
+
+A manifest is written once (exclusively, see publish.py) and never changed in place: the writer
+refuses a build whose plan differs from it (writer.py; the fingerprint and plan are identity.py's).
 
 A relative shard `url` is resolved against the manifest's own folder, so a shard set can be copied
 to another bucket as a whole; absolute URLs are used as they are. The digest (`manifest_digest`)
