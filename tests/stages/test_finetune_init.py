@@ -67,6 +67,8 @@ def test_other_depth_names_missing_and_unexpected_keys(tmp_path):
 def test_init_source_choices():
     assert init_source(FinetuneSettings(init="scratch"), "memory://x") is None
     assert init_source(FinetuneSettings(init="pretrain"), "memory://up") == "memory://up"
-    assert init_source(FinetuneSettings(init="s3://b/enc"), None) == "s3://b/enc"
-    with pytest.raises(PipelineError, match="no pretrain export"):
-        init_source(FinetuneSettings(init="pretrain"), None)
+    # a URL or reference in init reaches the stage already resolved by the runner, as upstream_export
+    assert init_source(FinetuneSettings(init="job:ssl"), "s3://b/enc") == "s3://b/enc"
+    for init in ("pretrain", "s3://b/enc"):
+        with pytest.raises(PipelineError, match="no pretrain export"):
+            init_source(FinetuneSettings(init=init), None)
