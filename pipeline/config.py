@@ -103,7 +103,10 @@ class DeepSpeedSettings(Settings):
 
 class CheckpointSettings(Settings):
     every_steps: int = Field(200, gt=0)
-    keep_last: int = Field(2, ge=1)
+    every_minutes: float | None = Field(
+        None, gt=0, description="also checkpoint when this long passed since the last one (checked at log steps)"
+    )
+    keep_last: int = Field(2, ge=1, description="checkpoints kept, in every rank's folder and in Ray's storage")
 
 
 class LoopSettings(Settings):

@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 RunEnd = Literal["FINISHED", "FAILED", "KILLED"]
 STAGE_TAG = "pipeline.stage"
 JOB_TAG = "pipeline.job"
+ERROR_TAG = "pipeline.error"  # the one-line error of a FAILED run
+RESUMES_TAG = "pipeline.resumes"  # how many times an interrupted run was continued
+SUPERSEDED_TAG = "pipeline.superseded_by"  # on a stale run ended KILLED: the run that took over
+SPEC_TAG = "pipeline.spec_digest"  # a job run's resolved spec + stage selection: the same job again
 REACHABILITY_TIMEOUT_S = 5.0
 
 
@@ -179,10 +183,30 @@ class Tracker:
         logger.info("MLflow stage run %s (%s, fingerprint %s)", run_id, stage, fingerprint[:12])
         return run_id
 
-    def finish_run(self, run_id: str, status: RunEnd = "FINISHED") -> None:
+    def finish_run(self, run_id: str, status: RunEnd = "FINISHED", error: str | None = None) -> None:
+        """End a run with the status that happened; a FAILED run carries its one-line error as a tag."""
         if status not in ("FINISHED", "FAILED", "KILLED"):
             raise PipelineError(f"finish_run: status must be FINISHED, FAILED or KILLED, got {status!r}")
+        if error:
+            self.set_tags(run_id, {ERROR_TAG: _fit(error.strip().splitlines()[-1] if error.strip() else error)})
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.from_string(status)))
+
+    def reopen_run(self, run_id: str, resumes: int) -> None:
+        """Continue an interrupted run under the same id (RUNNING again, resume count as a tag)."""
+        self.client.update_run(run_id, status="RUNNING")
+        self.set_tags(run_id, {RESUMES_TAG: str(resumes)})
+
+    def interrupted_runs(self, query: str) -> list[Run]:
+        """Runs matching `query` that never ended or were killed (a driver lost or stopped), newest first."""
+        found = self.client.search_runs(
+            [self.experiment_id], f"{query} and attributes.status != 'FINISHED'",
+            order_by=["attributes.start_time DESC"], max_results=50)
+        return [r for r in found if r.info.status in ("RUNNING", "KILLED") and SUPERSEDED_TAG not in r.data.tags]
+
+    def metric_steps(self, run_id: str) -> dict[str, int]:
+        """The highest step logged per metric key of a run (empty for a new run)."""
+        keys = self.client.get_run(run_id).data.metrics.keys()
+        return {key: max(m.step for m in self.client.get_metric_history(run_id, key)) for key in keys}
 
     def get_run(self, run_id: str) -> Run:
         return self.client.get_run(run_id)

@@ -20,14 +20,23 @@ logger = logging.getLogger(__name__)
 class StageSink:
     tracker: Tracker | None
     run_id: str | None
+    # highest step already in the run per key: a resumed stage recomputes the steps after its checkpoint
+    # (bit for bit), and logging them again would record those steps twice
+    logged: dict[str, int] | None = None
 
     @property
     def active(self) -> bool:
         return self.tracker is not None and self.run_id is not None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.active:
-            self._guard("metrics", self.tracker.log_metrics, self.run_id, metrics, step)
+        if not self.active:
+            return
+        if self.logged is None:
+            self.logged = {}
+            self._guard("history", lambda: self.logged.update(self.tracker.metric_steps(self.run_id)))
+        fresh = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        if fresh:
+            self._guard("metrics", self.tracker.log_metrics, self.run_id, fresh, step)
 
     def log_image(self, image: Any, name: str) -> None:
         if self.active:

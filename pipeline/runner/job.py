@@ -9,11 +9,16 @@ A backend launches one stage on every rank and returns rank 0's StageResult:
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
 from pipeline import lineage, tracking
-from pipeline.config import JobConfig, flatten_params
+from pipeline.config import JobConfig, flatten_params, resolved_dict
+from pipeline.fingerprint import stage_fingerprint
 from pipeline.runner.context import StageLaunch
 from pipeline.runner.datasets import Datasets, resolve_datasets
 from pipeline.runner.resolve import StageOutcome, StagePlan, resolve_stage, selected_stages
@@ -39,21 +44,44 @@ class JobOutcome:
     stages: dict[str, StageOutcome] = field(default_factory=dict)
 
 
+class StopRequested(BaseException):
+    """SIGTERM (`ray job stop`, a scheduler, torchrun tearing down): the job ends KILLED, like Ctrl-C."""
+
+
+def _stop_on_sigterm() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, _frame):
+        raise StopRequested(f"stopped by signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def ending(err: BaseException) -> tuple[str, str | None]:
+    """The MLflow status an exception means, and the one-line error a FAILED run keeps."""
+    if isinstance(err, (KeyboardInterrupt, StopRequested)):
+        return "KILLED", None
+    text = str(err).strip()
+    return "FAILED", f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
 def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job_file: str | None = None) -> JobOutcome:
     stages = selected_stages(job, only)
     tracker = tracking.prepare(job.mlflow)  # fails fast on an unreachable server, creates the DB once
+    _stop_on_sigterm()
     backend.start(job)
     datasets = resolve_datasets(job, build=True, shard_workers=backend.shard_workers)
     tags = {"pipeline.job_file": job_file or "", "pipeline.launcher": backend.name}
-    job_run_id = tracker.start_job_run(job.name, flatten_params(job), tags=tags)
+    job_run_id = open_job_run(tracker, job, stages, tags)
     outcome = JobOutcome(job_run_id, tracker.tracking_uri)
-    status = "FAILED"
     try:
         for name in stages:
             outcome.stages[name] = run_stage(job, name, tracker, job_run_id, datasets, outcome.stages, backend)
-        status = "FINISHED"
-    finally:
-        tracker.finish_run(job_run_id, status)
+    except BaseException as err:
+        tracker.finish_run(job_run_id, *ending(err))
+        raise
+    tracker.finish_run(job_run_id, "FINISHED")
     return outcome
 
 
@@ -69,29 +97,77 @@ def run_stage(job: JobConfig, name: str, tracker, job_run_id: str, datasets: Dat
     try:
         result = backend.launch(job, plan, StageLaunch(name, run_id, plan.inputs, plan.output_url, tracker))
         record_result(tracker, run_id, name, result, job)
-    except BaseException:
-        tracker.finish_run(run_id, "FAILED")
+    except BaseException as err:
+        tracker.finish_run(run_id, *ending(err))
         raise
     tracker.finish_run(run_id, "FINISHED")
     return StageOutcome(name, plan.fingerprint, run_id, result, skipped=False)
 
 
+def open_job_run(tracker, job: JobConfig, stages: list[str], tags: dict[str, str]) -> str:
+    """The job's parent run: an interrupted run of the same spec is continued (same id), else a new one."""
+    digest = stage_fingerprint("job", {"spec": resolved_dict(job), "stages": stages}, {})
+    interrupted = tracker.interrupted_runs(f"tags.`{tracking.JOB_TAG}` = '{_quoted(job.name)}' "
+                                           f"and tags.`{tracking.SPEC_TAG}` = '{digest}'")
+    interrupted = [r for r in interrupted if tracking.STAGE_TAG not in r.data.tags]
+    if interrupted:
+        run_id = _continue(tracker, interrupted)
+        logger.info("continuing the interrupted job run %s", run_id)
+        return run_id
+    return tracker.start_job_run(job.name, flatten_params(job), tags={**tags, tracking.SPEC_TAG: digest})
+
+
 def open_stage_run(tracker, job_run_id: str, job: JobConfig, plan: StagePlan, datasets: Datasets) -> str:
-    """The stage's child run, with its params, dataset inputs and lineage tags."""
+    """The stage's child run, with its params, dataset inputs and lineage tags. An interrupted run of the
+    same stage and fingerprint under this job run is continued (same id: the stage resumes from its
+    checkpoint and its metrics go on from there); one under another job run is ended KILLED and names
+    the run that took over."""
     name = plan.stage
-    params = flatten_params(STAGES[name].settings(job), prefix=f"stages.{name}")
-    run_id = tracker.start_stage_run(job_run_id, name, plan.fingerprint, params=params)
-    for i, (role, url) in enumerate(plan.inputs.manifests.items()):  # the first role is what it learned from
-        tracker.log_dataset(run_id, url, datasets.digests[role], context=role, primary=i == 0)
-    upstream = plan.upstream
-    if upstream is not None:
-        tags = {lineage.UPSTREAM_ARTIFACT_URI: upstream.url}
-        if upstream.run_id:
-            tags[lineage.UPSTREAM_RUN_ID] = upstream.run_id
-        if upstream.reference:
-            tags[lineage.UPSTREAM_REFERENCE] = upstream.reference
-        tracker.set_tags(run_id, tags)
+    interrupted = tracker.interrupted_runs(f"tags.`{tracking.STAGE_TAG}` = '{name}' "
+                                           f"and tags.{lineage.FINGERPRINT} = '{plan.fingerprint}'")
+    ours = [r for r in interrupted if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == job_run_id]
+    if ours:
+        run_id = _continue(tracker, ours)
+        logger.info("stage %s: continuing the interrupted MLflow run %s", name, run_id)
+    else:
+        params = flatten_params(STAGES[name].settings(job), prefix=f"stages.{name}")
+        run_id = tracker.start_stage_run(job_run_id, name, plan.fingerprint, params=params)
+        for i, (role, url) in enumerate(plan.inputs.manifests.items()):  # the first role is what it learned from
+            tracker.log_dataset(run_id, url, datasets.digests[role], context=role, primary=i == 0)
+        _lineage(tracker, run_id, plan)
+    _supersede(tracker, [r for r in interrupted if r.info.run_id != run_id], run_id)
     return run_id
+
+
+def _continue(tracker, interrupted: list) -> str:
+    """Reopen the newest interrupted run; older ones are ended KILLED, naming it."""
+    newest, older = interrupted[0], interrupted[1:]
+    tracker.reopen_run(newest.info.run_id, int(newest.data.tags.get(tracking.RESUMES_TAG, "0")) + 1)
+    _supersede(tracker, older, newest.info.run_id)
+    return newest.info.run_id
+
+
+def _supersede(tracker, stale: list, by: str) -> None:
+    for run in stale:
+        tracker.set_tags(run.info.run_id, {tracking.SUPERSEDED_TAG: by})
+        if run.info.status != "KILLED":
+            tracker.finish_run(run.info.run_id, "KILLED")
+
+
+def _lineage(tracker, run_id: str, plan: StagePlan) -> None:
+    upstream = plan.upstream
+    if upstream is None:
+        return
+    tags = {lineage.UPSTREAM_ARTIFACT_URI: upstream.url}
+    if upstream.run_id:
+        tags[lineage.UPSTREAM_RUN_ID] = upstream.run_id
+    if upstream.reference:
+        tags[lineage.UPSTREAM_REFERENCE] = upstream.reference
+    tracker.set_tags(run_id, tags)
+
+
+def _quoted(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
 
 
 def record_result(tracker, run_id: str, name: str, result: StageResult, job: JobConfig) -> None:

@@ -174,6 +174,7 @@ class StageTrainer:
         self.saved_step: int | None = None
         self.saved_folder = self.ckpt_dir  # where the tag of saved_step lives (resume_dir after a resume)
         self.train_seconds = 0.0
+        self._last_save_time = time.monotonic()
         logger.info("%s: %s, %d batches/epoch/rank, %d steps in all", stage, manifest_url,
                     self.loader.batches_per_epoch, self.engine.total_steps)
 
@@ -260,11 +261,20 @@ class StageTrainer:
             logger.info("%s step %d/%d: loss %.4f lr %.3g %.1f img/s", self.stage, out.step, self.engine.total_steps,
                         out.metrics["loss"] if "loss" in out.metrics else out.loss,
                         out.metrics.get("lr", float("nan")), out.metrics.get("images_per_s", float("nan")))
-        if self.engine.should_checkpoint() and not self.engine.finished:
+        if (self.engine.should_checkpoint() or self._checkpoint_is_due(bool(out.metrics))) and not self.engine.finished:
             self.save()
             self._report({**self.last_metrics, "step": float(out.step)})
 
     # ----------------------------------------------------------------- checkpoints and reports
+
+    def _checkpoint_is_due(self, log_step: bool) -> bool:
+        """checkpoint.every_minutes: rank 0's clock decides for all ranks (the report is collective), and
+        only at log steps, which read metrics from the device anyway (no extra host sync per step)."""
+        minutes = self.settings.checkpoint.every_minutes
+        if minutes is None or not log_step:
+            return False
+        due = time.monotonic() - self._last_save_time >= 60 * minutes
+        return bool(broadcast_from_rank0(due))
 
     def save(self) -> str:
         """Checkpoint the current step (collective); returns the tag folder."""
@@ -277,6 +287,7 @@ class StageTrainer:
             # own folder, so this rank drops its old tags itself
             ckpt.prune_tags(self.ckpt_dir, self.settings.checkpoint.keep_last, ckpt.tag_for_step(self.engine.step))
         self.saved_step, self.saved_folder = self.engine.step, self.ckpt_dir
+        self._last_save_time = time.monotonic()
         return folder
 
     def save_final(self) -> None:
