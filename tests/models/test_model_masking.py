@@ -179,3 +179,60 @@ def test_active_is_validated():
         model.forward_tokens(images, torch.ones(2, 1, 8, 8))
     with pytest.raises(ValueError, match="divisible by the stride 4"):
         model.forward_tokens(torch.randn(2, 3, 30, 30), torch.ones(2, 1, 8, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("cls, shape", [(MaskedBatchNorm2d, (6, 4, 5, 5)), (MaskedBatchNorm1d, (6, 4, 9))])
+def test_masked_sums_batchnorm_equals_the_indexed_reference_over_several_steps(cls, shape, momentum):
+    """forward (masked sums, static shapes) == forward_indexed (boolean indexing, the original code):
+    outputs, input/weight/bias gradients, running statistics and the step counter, then eval mode."""
+    torch.manual_seed(4)
+    sums = cls(4, momentum=momentum).double()
+    with torch.no_grad():
+        sums.weight.uniform_(0.5, 2.0)
+        sums.bias.uniform_(-1.0, 1.0)
+    indexed = copy.deepcopy(sums)
+    for step in range(4):
+        x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).requires_grad_(True)
+        keep = torch.rand(shape[0], 1, *shape[2:]) < 0.3 + 0.1 * step
+        grad = torch.randn(shape, dtype=torch.float64)
+        out = sums(x, keep)
+        expected = indexed.forward_indexed(x, keep)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        got = torch.autograd.grad(out, (x, sums.weight, sums.bias), grad)
+        want = torch.autograd.grad(expected, (x, indexed.weight, indexed.bias), grad)
+        for name, g, w in zip(("x", "weight", "bias"), got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=f"step {step}: grad of {name}")
+        torch.testing.assert_close(sums.running_mean, indexed.running_mean, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(sums.running_var, indexed.running_var, rtol=1e-12, atol=1e-14)
+        assert sums.num_batches_tracked.item() == indexed.num_batches_tracked.item() == step + 1
+    assert not torch.allclose(sums.running_var, torch.ones(4, dtype=torch.float64))  # the statistics moved
+    sums.eval()
+    indexed.eval()
+    x = torch.randn(shape, dtype=torch.float64)
+    keep = torch.rand(shape[0], 1, *shape[2:]) < 0.5
+    torch.testing.assert_close(sums(x, keep), indexed.forward_indexed(x, keep), rtol=1e-12, atol=1e-12)
+
+
+def test_masked_sums_batchnorm_control_all_positions_differ_from_visible_only():
+    """Control for the test above: plain BatchNorm statistics (masked positions counted) differ."""
+    torch.manual_seed(5)
+    bn = MaskedBatchNorm2d(4).double()
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64) * 3 + 2
+    keep = torch.rand(6, 1, 5, 5) < 0.4
+    masked_input = x * keep
+    plain = copy.deepcopy(bn)(masked_input).masked_fill(~keep, 0.0)
+    assert not torch.allclose(bn(masked_input, keep), plain, rtol=1e-3)
+
+
+def test_masked_sums_batchnorm_in_bfloat16_keeps_float32_statistics():
+    torch.manual_seed(6)
+    bn = MaskedBatchNorm2d(4)
+    x = torch.randn(6, 4, 5, 5) * 3 + 2
+    keep = torch.rand(6, 1, 5, 5) < 0.4
+    reference = copy.deepcopy(bn)
+    expected = reference.forward_indexed(x, keep)
+    got = bn.to(torch.bfloat16)(x.to(torch.bfloat16), keep)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding
+    torch.testing.assert_close(bn.running_mean.float(), reference.running_mean, rtol=1e-2, atol=1e-3)
