@@ -276,16 +276,19 @@ def _conflict_with_manifest(manifest: Manifest, manifest_url: str, build: _Build
     plan = manifest.writer.get("plan")
     if plan == build.plan:
         return None
-    old_fp = str(manifest.writer.get("fingerprint") or "none (written by an older writer)")
+    ours = f"this build is {build.fingerprint[:12]} (plan {build.plan[:12]})"
     if plan is None:
-        why = "it has no build fingerprint (written by an older writer)"
-    elif old_fp == build.fingerprint:
+        return (
+            f"{manifest_url} holds data set {manifest.digest[:12]}, written by an older writer without a build "
+            f"fingerprint, so it cannot be shown to be this build's; {ours}"
+        )
+    old_fp = str(manifest.writer.get("fingerprint"))
+    if old_fp == build.fingerprint:
         why = "same settings, but the source's samples changed"
     else:
         why = identity.settings_difference(manifest.writer.get("build", {}), build.settings)
     return (
-        f"{manifest_url} holds data set {manifest.digest[:12]} (build {old_fp[:12]}, plan {str(plan)[:12]}); "
-        f"this build is {build.fingerprint[:12]} (plan {build.plan[:12]}): {why}"
+        f"{manifest_url} holds data set {manifest.digest[:12]} (build {old_fp[:12]}, plan {plan[:12]}); {ours}: {why}"
     )
 
 
