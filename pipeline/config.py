@@ -149,6 +149,15 @@ class PretrainSettings(LoopSettings):
     optimizer: OptimizerSettings = OptimizerSettings()
     augment: AugmentSettings = AugmentSettings(scale=(0.2, 1.0))
     reconstruction_every_steps: int = Field(200, gt=0)
+    # SSL health (pipeline.stages.knn): weighted kNN top-1 of the frozen encoder's pooled features
+    knn_every_steps: int | None = Field(
+        None, gt=0, description="run the kNN monitor every N steps, at step 0 and at the end; None: off (then "
+        "pretrain reads only its pretrain data; on, it also reads data.train (bank) and data.val)")
+    knn_bank_size: int = Field(10000, gt=0, description="labelled train samples in the kNN memory bank")
+    knn_eval_size: int = Field(5000, gt=0, description="val samples the kNN monitor classifies")
+    knn_k: int = Field(20, gt=0, description="neighbours per query")
+    knn_temperature: float = Field(0.07, gt=0, description="neighbour votes are weighted exp(similarity / T)")
+    knn_batch_size: int | None = Field(None, gt=0, description="embedding batch per rank; default: batch_size")
 
 
 class EmaSettings(Settings):
@@ -186,8 +195,27 @@ class EvaluateSettings(Settings):
     )
 
 
+class ProbeSettings(LoopSettings):
+    """Linear probe (MAE's): frozen encoder, BatchNorm1d without affine + Linear on its pooled features."""
+
+    enabled: bool = False
+    init: Literal["pretrain"] | str = Field(
+        "pretrain",
+        description="the encoder to probe: 'pretrain' (this job's pretrain export), an export folder URL, "
+        "runs:/<run_id>/export, models:/<name>/<version>, models:/<name>@<alias>, or job:<job name>",
+    )
+    epochs: float = Field(10.0, gt=0)
+    batch_size: int = Field(256, gt=0, description="micro-batch per worker")
+    # torch AdamW through the engine (MAE uses LARS, base lr 0.1); no weight decay, as MAE's probe
+    optimizer: OptimizerSettings = OptimizerSettings(base_lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
+    # MAE's probe augmentation: RandomResizedCrop + flip, nothing else
+    augment: AugmentSettings = AugmentSettings()
+    eval_batch_size: int = Field(256, gt=0, description="batch per worker for the top-1/top-5 pass over val")
+
+
 class StagesSettings(Settings):
     pretrain: PretrainSettings = PretrainSettings()
+    probe: ProbeSettings = ProbeSettings()
     finetune: FinetuneSettings = FinetuneSettings()
     evaluate: EvaluateSettings = EvaluateSettings()
 

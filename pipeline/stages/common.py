@@ -98,6 +98,18 @@ def augment_options(augment: AugmentSettings) -> dict[str, Any]:
     return augment.model_dump(mode="python")
 
 
+def eval_loader(job: JobConfig, url: str, *, batch_size: int, rank: int, world_size: int,
+                augment: AugmentSettings | None = None, img_size: int | None = None):
+    """The eval stream of `url` for this rank: centre crop (`augment`'s crop_pct and interpolation), every
+    sample dealt to exactly one rank, padding label -1; batches normalised on this process's device."""
+    from pipeline.data.stream import build_loader
+
+    options = None if augment is None else {"crop_pct": augment.crop_pct, "interpolation": augment.interpolation}
+    return build_loader(url, "eval", batch_size=batch_size, img_size=img_size or job.model.img_size, rank=rank,
+                        world_size=world_size, num_workers=job.data.loader_workers, seed=job.seed, augment=options,
+                        on_error=job.data.on_error, decode=job.data.decode)
+
+
 def normalization(role: str, augment: dict[str, Any] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) the loader normalises with, to undo it in pictures."""
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD

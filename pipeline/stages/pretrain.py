@@ -6,6 +6,10 @@ Output (in ctx.output_url):
   num_classes=0, so `timm.create_model(variant, **kwargs)` loads it strictly); finetune loads it;
 - loss_curve.csv / loss_curve.png; reconstruction grids (original / masked / reconstruction) are
   logged every `reconstruction_every_steps` and at the end (ctx.log_image; final one also saved).
+- SSL health, with `knn_every_steps` set: the weighted kNN monitor (pipeline.stages.knn) on the
+  encoder's pooled features, bank from "train", queries from "eval", logged as knn_top1/knn_top5 at
+  step 0 (random encoder), every `knn_every_steps` and at the last step; the summary metrics add
+  knn_seconds_total and knn_time_share (its share of this rank's pretraining wall time).
 The encoder is built with the pretraining T (default 1) and no head, so no frozen parameter sits in
 the DeepSpeed engine.
 """
@@ -32,6 +36,7 @@ from pipeline.stages.common import (
     seed_everything,
 )
 from pipeline.stages.context import StageContext, StageInputs, StageResult
+from pipeline.stages.knn import build_monitor
 
 logger = logging.getLogger(__name__)
 
@@ -100,14 +105,24 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
                            role="pretrain", augment=augment, hooks=hooks)
     grids = ReconstructionGrids(trainer, mim, mean, std, seed=job.seed)
     last_images: list[torch.Tensor] = []
+    engine = trainer.engine
+    monitor = None if not settings.knn_every_steps else build_monitor(
+        job, settings, inputs, engine.module.encoder, rank=trainer.rank, world_size=trainer.world_size,
+        device=engine.device, dtype=engine.compute_dtype)
 
     def after_step(out, batch) -> None:
         last_images[:] = [batch[0]]
         if out.step % settings.reconstruction_every_steps == 0:
             grids.log(batch[0], f"reconstruction_step{out.step:07d}.png")
+        if monitor is not None and (out.step % settings.knn_every_steps == 0 or engine.finished):
+            ctx.log_metrics(monitor.evaluate(out.step), out.step)
 
     hooks.after_step = after_step
     trainer.resume()
+    outside_fit = 0.0
+    if monitor is not None and engine.step == 0:
+        ctx.log_metrics(monitor.evaluate(0, estimate_bn=True), 0)  # the random encoder: what training adds
+        outside_fit = monitor.seconds
     trainer.fit()
     trainer.save_final()
 
@@ -124,6 +139,9 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
         os.makedirs(os.path.dirname(grid_path), exist_ok=True)
         final_grid.save(grid_path)
     metrics = trainer.summary_metrics()
+    if monitor is not None:
+        metrics.update(knn_seconds_total=monitor.seconds,
+                       knn_time_share=monitor.seconds / max(trainer.train_seconds + outside_fit, 1e-9))
     trainer.finish(metrics, "MIM pretraining loss", outputs=[grid_path])
     logger.info("pretrain done: %d steps, final loss %.4f, export %s", trainer.engine.step, metrics["final_loss"],
                 export_url)

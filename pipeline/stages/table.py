@@ -29,9 +29,10 @@ from pipeline.config import (
     FinetuneSettings,
     JobConfig,
     PretrainSettings,
+    ProbeSettings,
 )
 from pipeline.schema import Settings
-from pipeline.stages import evaluate, finetune, pretrain
+from pipeline.stages import evaluate, finetune, pretrain, probe
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 
 RunFn = Callable[[JobConfig, StageInputs, StageContext], StageResult]
@@ -61,6 +62,16 @@ def _finetune_reference(job: JobConfig) -> str | None:
     return None if init in ("pretrain", "scratch") else init
 
 
+def _pretrain_roles(job: JobConfig) -> tuple[str, ...]:
+    # the kNN monitor reads a labelled bank (train) and val; without it pretraining reads only its own data
+    return ("pretrain", "train", "eval") if job.stages.pretrain.knn_every_steps else ("pretrain",)
+
+
+def _probe_reference(job: JobConfig) -> str | None:
+    init = job.stages.probe.init
+    return None if init == "pretrain" else init
+
+
 def _evaluate_T(job: JobConfig) -> int:
     return job.stages.evaluate.T or job.stages.finetune.T
 
@@ -77,9 +88,21 @@ STAGES: dict[str, StageSpec] = {
             name="pretrain",
             run=pretrain.run,
             settings_model=PretrainSettings,
-            roles=lambda job: ("pretrain",),
+            roles=_pretrain_roles,
             build_model=lambda job: pretrain.build_mim(job, job.stages.pretrain),
             T=lambda job: job.stages.pretrain.T,
+        ),
+        StageSpec(
+            name="probe",
+            run=probe.run,
+            settings_model=ProbeSettings,
+            roles=lambda job: ("train", "eval"),
+            build_model=lambda job: probe.build_probe(job, job.stages.probe),
+            T=lambda job: job.stages.probe.T,
+            upstream="pretrain",
+            upstream_key="stages.probe.init",
+            upstream_reference=_probe_reference,
+            needs_upstream=lambda job: True,
         ),
         StageSpec(
             name="finetune",
