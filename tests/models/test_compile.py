@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -90,3 +92,139 @@ def test_tiny_model_under_bf16_autocast():
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
     logits.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compile-clean training: zero graph breaks, fullgraph compile (issue 11)
+# --------------------------------------------------------------------------------------------------
+
+
+def _tiny_mim(encoder_path: str = "visible"):
+    from models.mim import MaskedImageModel
+
+    torch.manual_seed(0)
+    encoder = models.create("spikformer_v2_tiny")
+    return MaskedImageModel(encoder, decoder_dim=32, decoder_depth=1, decoder_heads=2, encoder_path=encoder_path)
+
+
+def test_pretraining_model_and_classifier_trace_without_graph_breaks():
+    images = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    for model in (_tiny_mim().train(), models.create("spikformer_v2_tiny").train()):
+        explanation = torch._dynamo.explain(model)(images)
+        assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+        assert explanation.graph_count == 1
+    # control: the boolean-indexing BatchNorm of the dense reference path does break the graph
+    from models.spikformer import MaskedBatchNorm2d
+
+    bn = MaskedBatchNorm2d(4).train()
+    x, keep = torch.randn(2, 4, 5, 5), torch.rand(2, 1, 5, 5) < 0.5
+    assert torch._dynamo.explain(bn.forward_indexed)(x, keep).graph_break_count > 0
+    assert torch._dynamo.explain(bn)(x, keep).graph_break_count == 0
+    torch._dynamo.reset()
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same_grads(got: torch.nn.Module, expected: torch.nn.Module, rtol: float, scale_atol: float) -> None:
+    g_got, g_exp = _grads(got), _grads(expected)
+    assert g_got.keys() == g_exp.keys() and g_exp
+    scale = max(g.abs().max().item() for g in g_exp.values())  # biases before a BN: zero up to rounding
+    for name, g in g_exp.items():
+        torch.testing.assert_close(g_got[name], g, rtol=rtol, atol=scale_atol * scale, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "finetune"])
+def test_fullgraph_compile_forward_backward_matches_eager(kind):
+    """fullgraph=True (an error on any graph break) through AOTAutograd: forward and backward graphs."""
+    eager = _tiny_mim().train() if kind == "pretrain" else models.create("spikformer_v2_tiny").train()
+    twin = copy.deepcopy(eager)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 3, 5, 9])
+
+    def loss_of(model):
+        if kind == "pretrain":
+            torch.manual_seed(11)  # the same random mask in both runs
+            return model(images)[0]
+        return torch.nn.functional.cross_entropy(model(images), labels)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, fullgraph=True, dynamic=False, backend="aot_eager")
+    loss_compiled = loss_of(compiled)
+    loss_eager = loss_of(eager)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=0)
+    loss_compiled.backward()
+    loss_eager.backward()
+    _assert_same_grads(twin, eager, rtol=1e-4, scale_atol=1e-5)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_inductor_fullgraph_pretraining_step_matches_eager():
+    eager = _tiny_mim().train()
+    twin = copy.deepcopy(eager)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):  # eager's RNG: the same random mask
+        compiled = torch.compile(twin, fullgraph=True, dynamic=False)
+        torch.manual_seed(12)
+        loss_compiled, _, mask_compiled = compiled(images)
+    torch.manual_seed(12)
+    loss_eager, _, mask_eager = eager(images)
+    assert torch.equal(mask_compiled, mask_eager)
+    torch.testing.assert_close(loss_compiled, loss_eager, rtol=1e-5, atol=0)
+    loss_compiled.backward()
+    loss_eager.backward()
+    _assert_same_grads(twin, eager, rtol=1e-3, scale_atol=1e-4)
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------------
+# SSA exact under bf16 (issue 11)
+# --------------------------------------------------------------------------------------------------
+
+
+def _dense_spikes(shape, rate: float, seed: int) -> torch.Tensor:
+    return (torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < rate).float()
+
+
+def test_spike_attention_is_exact_under_bf16_autocast():
+    from models.spikformer import spike_attention
+
+    shape = (1, 2, 2, 64, 1024)  # [T, B, heads, d, N]: K^T V counts ~ 256 +- 16, Q (K^T V) ~ 8000
+    q, k, v = (_dense_spikes(shape, 0.5, seed) for seed in (1, 2, 3))
+    exact = spike_attention(q.double(), k.double(), v.double(), 0.125)
+    assert (k.double() @ v.double().transpose(-1, -2)).max() > 256  # the counts bf16 cannot hold
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = spike_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125)
+        naive_kv = k @ v.transpose(-1, -2)  # what autocast does to a plain matmul
+        naive = (naive_kv.transpose(-1, -2) @ q) * 0.125
+    assert got.dtype == torch.float32 and torch.equal(got.double(), exact)
+    # control: the plain products under autocast are bf16 and do round the counts
+    assert naive.dtype == torch.bfloat16 and not torch.equal(naive.double(), exact)
+
+
+def test_ssa_attention_spikes_under_bf16_equal_float32_arithmetic():
+    """Given the Q/K/V spikes the bf16 run produced, its attention input and spikes are the exact ones."""
+    torch.manual_seed(0)
+    ssa = SSA(dim=128, num_heads=2).train()  # head dim 64
+    with torch.no_grad():  # dense Q/K/V spikes (LIF at T = 1 fires for BN outputs >= 2): large counts
+        for bn in (ssa.q_bn, ssa.k_bn, ssa.v_bn):
+            bn.bias.fill_(2.5)
+    x = _dense_spikes((1, 2, 128, 32, 32), 0.6, 4) * 2  # [T, B, C, H, W], N = 1024 tokens
+    captured = {}
+    for name in ("q_lif", "k_lif", "v_lif"):
+        getattr(ssa, name).register_forward_hook(lambda m, i, out, name=name: captured.__setitem__(name, out))
+    ssa.attn_lif.register_forward_hook(lambda m, i, out: captured.update(attn_in=i[0], attn_out=out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ssa(x)
+    heads = (1, 2, 2, 64, 1024)
+    q, k, v = (captured[f"{n}_lif"].double().reshape(heads) for n in "qkv")
+    kv = k @ v.transpose(-1, -2)
+    assert kv.max() > 256 and captured["attn_out"].any()
+    exact = ((kv.transpose(-1, -2) @ q) * ssa.scale).reshape(1, 2, 128, 1024)
+    assert captured["attn_in"].dtype == torch.float32
+    assert torch.equal(captured["attn_in"].double(), exact)
+    assert torch.equal(captured["attn_out"].double(), (exact >= 1.0).double())  # T = 1: V_th 0.5 at tau 2
