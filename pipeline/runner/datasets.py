@@ -25,7 +25,7 @@ def resolve_datasets(job: JobConfig, *, build: bool, shard_workers: int | None =
     data = job.data
     splits: dict[str, str] = {}
     if data.build is not None:
-        dest = absolute_url(data.build.dest or join_url(job.output_root, "shards"))
+        dest = absolute_url(build_dest(job))
         for split in data.build.splits:
             splits[split] = build_split(job, split, dest, shard_workers) if build else \
                 join_url(dest, f"{split}.manifest.json")
@@ -44,6 +44,20 @@ def resolve_datasets(job: JobConfig, *, build: bool, shard_workers: int | None =
         except Exception:  # noqa: BLE001 - shards not built yet is a normal state for a plan
             pass
     return Datasets(manifests, digests)
+
+
+def build_dest(job: JobConfig) -> str:
+    """data.build.dest, else a folder named by the build's fingerprint: two jobs building other data
+    never write into one folder, and the same build again reuses its shards."""
+    from pipeline.data.identity import default_build_dest
+
+    build = job.data.build
+    assert build is not None
+    if build.dest:
+        return build.dest
+    return default_build_dest(job.output_root, build.source, root=build.root, seed=job.seed,
+                              shard_max_count=build.shard_max_count, shard_max_mb=build.shard_max_mb,
+                              options=build.options)
 
 
 def build_split(job: JobConfig, split: str, dest: str, workers: int | None) -> str:

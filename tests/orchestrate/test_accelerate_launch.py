@@ -42,7 +42,8 @@ def test_accelerate_launch_runs_finetune_with_mlflow_records(tmp_path):
     assert set(runs) == {"job", "finetune"}
     finetune = runs["finetune"]
     assert finetune.info.status == "FINISHED" and runs["job"].info.status == "FINISHED"
-    train = load_manifest(f"{tmp_path}/out/shards/train.manifest.json")
+    (shards,) = (tmp_path / "out" / "shards").glob("digits-*")  # named by the build's fingerprint
+    train = load_manifest(f"{shards}/train.manifest.json")
     assert finetune.data.tags["lineage.dataset_digest"] == train.digest
     assert [m.step for m in client.get_metric_history(finetune.info.run_id, "loss")] == [2, 4]
     export_url = finetune.data.tags["pipeline.export_url"]
