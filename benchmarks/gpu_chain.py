@@ -151,8 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="working folder (images, shards, outputs, store)")
     parser.add_argument("--json", type=Path, default=None, help="write the checks and run facts here")
     parser.add_argument("--dry", action="store_true", help="tiny sizes on the CPU (gloo, fp32)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds for the launcher (default: none)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds for the launcher (default: GPU_CHECK_STEP_LIMIT - 30, set by gpu_check.sh)")
     args = parser.parse_args(argv)
+    if args.timeout is None and os.environ.get("GPU_CHECK_STEP_LIMIT"):
+        args.timeout = max(float(os.environ["GPU_CHECK_STEP_LIMIT"]) - 30, 10)  # room to read the store
     size = SIZES[args.dry]
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -202,6 +205,8 @@ def chain(work: Path, size: dict, env: dict[str, str], args: argparse.Namespace,
     with (work / "launcher.log").open("w") as log:
         result["launcher_rc"] = run_launcher(command, env, log, args.timeout)
     result["launcher_s"] = time.perf_counter() - launch_start
+    if result["launcher_rc"] == "timeout":
+        result["problems"].append(f"the launcher ran past {args.timeout:.0f} s and was stopped")
     text = (work / "launcher.log").read_text(errors="replace")
     result["launcher_log_tail"] = text[-4000:]
     print(text[-3000:])

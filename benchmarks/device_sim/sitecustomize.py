@@ -66,14 +66,17 @@ def hidden_files() -> set[str]:
 
 def _load() -> frozenset[str]:
     cache = os.environ.get("DEVICE_SIM_HIDDEN")
+    key = os.environ.get("DEVICE_SIM_EXTRA_HIDE", "")
     if cache and os.path.exists(cache):
         with open(cache) as fh:
-            return frozenset(json.load(fh))
+            saved = json.load(fh)
+        if saved.get("extra_hide") == key:
+            return frozenset(saved["files"])
     files = hidden_files()
     if cache:
         tmp = f"{cache}.{os.getpid()}.tmp"
         with open(tmp, "w") as fh:
-            json.dump(sorted(files), fh)
+            json.dump({"extra_hide": key, "files": sorted(files)}, fh)
         os.replace(tmp, cache)
     return frozenset(files)
 
