@@ -21,6 +21,7 @@ from pipeline.config import JobConfig, flatten_params, resolved_dict
 from pipeline.fingerprint import stage_fingerprint
 from pipeline.runner.context import StageLaunch
 from pipeline.runner.datasets import Datasets, resolve_datasets
+from pipeline.runner.preflight import check_job
 from pipeline.runner.resolve import StageOutcome, StagePlan, resolve_stage, selected_stages
 from pipeline.stages.context import StageResult
 from pipeline.stages.table import STAGES
@@ -69,6 +70,7 @@ def ending(err: BaseException) -> tuple[str, str | None]:
 def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job_file: str | None = None) -> JobOutcome:
     stages = selected_stages(job, only)
     tracker = tracking.prepare(job.mlflow)  # fails fast on an unreachable server, creates the DB once
+    check_job(job, stages, tracker)  # what the spec names exists, before shards, Ray or trainers
     _stop_on_sigterm()
     backend.start(job)
     datasets = resolve_datasets(job, build=True, shard_workers=backend.shard_workers)

@@ -13,6 +13,7 @@ import logging
 import os
 
 from pipeline.config import JobConfig
+from pipeline.console import configure_logging, log_file_for
 from pipeline.data.fsutil import absolute_url, join_url
 from pipeline.engine import init_distributed
 from pipeline.runner.context import StageLaunch, build_context
@@ -58,6 +59,7 @@ def run_here(job: JobConfig, launch: StageLaunch, rank: int, world_size: int, lo
 def run_local(job: JobConfig, only: list[str] | None = None, job_file: str | None = None) -> JobOutcome | None:
     """Every rank calls this; rank 0 returns the job's outcome, the others None."""
     rank, world_size, local_rank = init_distributed()
+    configure_logging(rank, log_file_for(job.output_root, job.name, f"rank{rank}"))  # rank 0 prints progress
     if job.scaling.num_workers != world_size:  # the launcher decided: fingerprints and batches follow it
         job = job.model_copy(update={"scaling": job.scaling.model_copy(update={"num_workers": world_size})})
     if rank != 0:

@@ -9,6 +9,7 @@ from pipeline import tracking
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.runner.datasets import resolve_datasets
+from pipeline.runner.preflight import check_job
 from pipeline.runner.resolve import StageOutcome, resolve_stage, selected_stages
 
 logger = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ class PlannedStage:
 
 def plan_job(job: JobConfig, only: list[str] | None = None) -> list[PlannedStage]:
     """What `run` would do now, without starting Ray, writing shards or training."""
+    check_job(job, selected_stages(job, only))  # before MLflow: references are resolved below
     try:
         tracker = tracking.prepare(job.mlflow)
     except PipelineError as err:  # a plan is still useful from a laptop that cannot see the cluster's MLflow

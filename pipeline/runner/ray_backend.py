@@ -24,6 +24,7 @@ from typing import Any
 import fsspec
 
 from pipeline.config import JobConfig
+from pipeline.console import configure_logging, log_file_for
 from pipeline.data.fsutil import absolute_url, join_url
 from pipeline.errors import PipelineError
 from pipeline.runner.context import FAULT_ENV, StageLaunch, build_context
@@ -92,6 +93,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
     train_ctx = ray.train.get_context()
     rank = train_ctx.get_world_rank()
     job = JobConfig.model_validate(config["job"])
+    configure_logging(rank, log_file_for(job.output_root, job.name, f"rank{rank}"))  # rank 0 prints progress
     launch: StageLaunch = config["launch"]
     work_dir = scratch_dir(config["trial_name"], rank)
     try:
