@@ -1,15 +1,16 @@
 """Is the carried wheel set complete? Resolve the GPU run's roots offline, as the device would install them.
 
-    python benchmarks/gpu_wheels_check.py [--wheels .whl] [--image-versions pip-list.json]
+    python benchmarks/gpu_wheels_check.py [--wheels .whl] [--image-versions pip-list.json | env.json]
 
 `pip install --dry-run --no-index --only-binary=:all: --python-version 3.12 --target TMP ROOTS` may only
 use the carried wheels and the packages the H200 image already holds. The image's packages are handed to
 the resolver as stand-in wheels: metadata only (name and version, no files, no dependencies of their
-own: the image has those). Their versions are the ones read on the image where known (gpu_packages.py,
-or a `pip list --format json` from the device with --image-versions), else the venv's (an assumption the
-device run checks for real with `pip check`). A requirement that neither a carried wheel nor the image
-meets fails the resolve, and so does a second version of a carried package; a carried wheel that no root
-needs is reported as unused. Exit status 0 only when the resolve succeeds and nothing carried is missing.
+own: the image has those). Their versions are the ones read on the image where known (gpu_packages.py;
+with --image-versions, a `pip list --format json` from the device or the env.json a GPU check returned),
+else the venv's (an assumption the device run checks for real with `pip check`). A requirement that
+neither a carried wheel nor the image meets fails the resolve, and so does a second version of a carried
+package; a carried wheel that no root needs is reported as unused. Exit status 0 only when the resolve
+succeeds and nothing carried is missing.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_packages import BUILT, CARRIED, IMAGE_PACKAGES, IMAGE_VERSIONS, ROOTS  # noqa: E402
 
+CARRIED_SITE = "/tmp/site"  # where gpu_check.sh installs the wheels on the device
 PLATFORMS = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 
@@ -53,7 +55,10 @@ def image_versions(device_list: Path | None) -> dict[str, str]:
             pass
     versions.update(IMAGE_VERSIONS)
     if device_list is not None:
-        versions.update({canonicalize_name(row["name"]): row["version"] for row in json.loads(device_list.read_text())
+        rows = json.loads(device_list.read_text())
+        if isinstance(rows, dict):  # gpu_check.sh's env.json: the image's own, not the carried copies
+            rows = [r for r in rows["result"]["distributions"] if not r["location"].startswith(CARRIED_SITE)]
+        versions.update({canonicalize_name(row["name"]): row["version"] for row in rows
                          if canonicalize_name(row["name"]) in IMAGE_PACKAGES})
     return versions
 
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wheels", type=Path, default=Path(".whl"), help="the carried wheels [.whl]")
     parser.add_argument("--image-versions", type=Path, default=None,
-                        help="`pip list --format json` of the device image, for its real versions")
+                        help="`pip list --format json` of the device image, or gpu_check's env.json: real versions")
     args = parser.parse_args(argv)
     if not args.wheels.is_dir():
         raise SystemExit(f"{args.wheels}: no such folder: run benchmarks/gpu_wheels.sh")
