@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
 import sys
 
+from pipeline.console import configure_logging
 from pipeline.errors import PipelineError
 
 # command name -> (module, one-line help)
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # console only for now; `run` and the backends add the log file once the job is known
+    configure_logging(int(os.environ.get("RANK", "0")))
     args = build_parser().parse_args(argv)
     try:
         return int(args._entry(args) or 0)

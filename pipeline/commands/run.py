@@ -12,10 +12,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.console import configure_logging, log_file_for
+    from pipeline.runner.preflight import check_records_location
+
+    job, stages = load(args)
+    check_records_location(job)  # inside a Ray job's temporary working directory: refuse relative locations
+    configure_logging(0, log_file_for(job.output_root, job.name, "driver"))
+
     from pipeline.runner.job import run_job
     from pipeline.runner.ray_backend import RayBackend
 
-    job, stages = load(args)
     outcome = run_job(job, RayBackend(), stages, job_file=args.job)
     print(summary(outcome))
     return 0
@@ -35,8 +41,18 @@ def summary(outcome) -> str:
         if energy is not None:
             lines.append(f"energy estimate: {energy / 1e6:.4f} uJ per image (45 nm: 4.6 pJ/MAC, 0.9 pJ/AC)")
     uri = outcome.tracking_uri
+    table = f"#/experiments/{experiment_id(uri, outcome.job_run_id)}/runs"  # `mlflow ui` opens elsewhere
     if uri.startswith(("http://", "https://")):
-        lines.append(f"browse the runs: {uri}")
+        lines.append(f"browse the runs: {uri.rstrip('/')}/{table}")
     else:
-        lines.append(f"browse the runs: mlflow ui --backend-store-uri {uri}")
+        lines.append(f"browse the runs: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{table}")
     return "\n".join(lines)
+
+
+def experiment_id(uri: str, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - the summary never fails the job; the id is a convenience
+        return "<id>"

@@ -270,9 +270,11 @@ class StageTrainer:
         if out.metrics:
             self.last_metrics = {**out.metrics, "epoch": float(self.epoch)}
             self.ctx.log_metrics(self.last_metrics, out.step)
-            logger.info("%s step %d/%d: loss %.4f lr %.3g %.1f img/s", self.stage, out.step, self.engine.total_steps,
-                        out.metrics["loss"] if "loss" in out.metrics else out.loss,
-                        out.metrics.get("lr", float("nan")), out.metrics.get("images_per_s", float("nan")))
+            if "loss" in out.metrics:  # a log step (a probe-only step, e.g. firing rates, has no progress)
+                from pipeline.console import progress_line
+
+                per_step = self.settings.batch_size * self.world_size * self.settings.grad_accum_steps
+                logger.info("%s", progress_line(self.stage, out.step, self.engine.total_steps, out.metrics, per_step))
         if (self.engine.should_checkpoint() or self._checkpoint_is_due(bool(out.metrics))) and not self.engine.finished:
             self.save()
             self._report({**self.last_metrics, "step": float(out.step)})
