@@ -9,11 +9,18 @@ command prints the job id and how to follow its logs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shlex
+import socket
+from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from pipeline.commands._job_args import add_job_arguments, load
+from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
+
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,13 +31,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wait", action="store_true", help="wait for the job and exit with its status")
 
 
-def entrypoint(args: argparse.Namespace) -> str:
+def entrypoint(args: argparse.Namespace, job: JobConfig, address: str, cwd: str | None = None,
+               env: Mapping[str, str] | None = None) -> str:
+    """`python -m pipeline run JOB.yaml --set ...`. The driver runs in Ray's temporary copy of the working
+    directory, so relative record locations (MLflow store, output_root) would vanish with it: for a head
+    on this machine they are passed as absolute paths of the submitting folder; for a remote head, where
+    this machine's folders mean nothing, they are refused."""
+    from pipeline.runner.preflight import absolute_overrides, relative_locations
+
     words = ["python", "-m", "pipeline", "run", args.job]
     for override in args.overrides:
         words += ["--set", override]
+    relative = relative_locations(job, env)
+    if relative and not is_this_machine(address):
+        named = ", ".join(f"{key}={value}" for key, value in relative.items())
+        raise PipelineError(
+            f"{named}: relative, so on the Ray head at {address} they would land in Ray's temporary working "
+            f"directory, which Ray deletes; set them to locations the cluster shares (s3://..., an MLflow "
+            f"server http://...), e.g. --set output_root=s3://bucket/runs")
+    for key, value in absolute_overrides(relative, cwd or os.getcwd()).items():
+        logger.info("submit: %s=%s (the head is this machine; relative paths would land in Ray's copy)", key, value)
+        words += ["--set", f"{key}={value}"]  # after the user's: the last --set of a key wins
     if args.stages:
         words += ["--stages", args.stages]
     return shlex.join(words)
+
+
+def is_this_machine(address: str) -> bool:
+    """A Ray address (http://host:8265, host:6379, ray://host:10001, auto) that points at this machine."""
+    if address in ("auto", "local"):
+        return True
+    host = urlsplit(address if "://" in address else f"//{address}").hostname
+    if not host:
+        return False
+    if host in ("localhost", "::1", "0.0.0.0") or host.startswith("127."):
+        return True
+    names = {socket.gethostname(), socket.getfqdn()}
+    if host in names:
+        return True
+    try:
+        return host in {socket.gethostbyname(name) for name in names}
+    except OSError:
+        return False
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,10 +86,10 @@ def main(args: argparse.Namespace) -> int:
     forwarded = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI",) if k in os.environ}
     if forwarded:
         runtime_env["env_vars"] = {**forwarded, **runtime_env.get("env_vars", {})}
+    command = entrypoint(args, job, address)  # before connecting: a refusal needs no cluster
     try:
         client = JobSubmissionClient(address)
-        job_id = client.submit_job(entrypoint=entrypoint(args), runtime_env=runtime_env,
-                                   submission_id=args.submission_id)
+        job_id = client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=args.submission_id)
     except Exception as err:  # connection refused, bad runtime_env, ...: one line for the user
         raise PipelineError(f"Ray job submission to {address} failed: {err}") from err
     print(f"submitted Ray job {job_id} to {address}")
