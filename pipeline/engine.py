@@ -29,6 +29,10 @@ Decisions
   all-reduces one small vector (non-finite flag, loss, images, skipped samples): a NaN/inf loss on any
   rank raises PipelineError on all ranks before the optimizer step, and the engine refuses to save
   afterwards, so the last good checkpoint stays `latest`.
+- `deepspeed.compile: true` compiles the module inside the engine (`DeepSpeedEngine.compile()`,
+  torch.compile with Inductor, in place); the firing-rate probe then runs eagerly. Off by default:
+  it is measured faster on CPU for the tiny model's pretraining (docs/BENCHMARKS.md), but no GPU
+  measurement exists yet.
 - BatchNorm running statistics: DeepSpeed (unlike torch DDP) never syncs buffers, so every rank's
   running mean/var drift apart, and a checkpoint keeps only rank 0's. Before every checkpoint and
   export the engine averages them over ranks (timm's `distribute_bn(reduce=True)`), so all ranks
@@ -323,8 +327,10 @@ class TrainEngine:
         was_training = module.training
         module.eval()
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        # a compiled module runs the probe eagerly: its hooks would only add recompilations
+        eager = torch.compiler.set_stance("force_eager") if self.ds.is_compiled else contextlib.nullcontext()
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), eager:
                 return self.firing_rate_fn(module, batch)
         finally:
             module.train(was_training)
@@ -510,6 +516,10 @@ def build_engine(
         model.to(torch.bfloat16)
     optimizer = build_optimizer(model, optim, lr)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    if ds.compile:
+        # DeepSpeed's own hook: torch.compile of the wrapped module in place (nn.Module.compile), so
+        # parameter names, the optimizer's groups and checkpoints are those of the eager module.
+        ds_engine.compile()
     # The ZeRO wrappers keep the client optimizer's param_group dicts, so the schedule can drive them.
     scheduler = build_scheduler(ds_optimizer, optim, length)
     if firing_rate_fn == "default":
