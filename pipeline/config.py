@@ -158,6 +158,11 @@ class PretrainSettings(LoopSettings):
     knn_k: int = Field(20, gt=0, description="neighbours per query")
     knn_temperature: float = Field(0.07, gt=0, description="neighbour votes are weighted exp(similarity / T)")
     knn_batch_size: int | None = Field(None, gt=0, description="embedding batch per rank; default: batch_size")
+    knn_bn_stats: Literal["bank", "running"] = Field(
+        "bank", description="BatchNorm statistics the monitor's encoder uses: 'bank' re-estimates them on the bank "
+        "images at every evaluation (precise BN: running statistics lag the weights by ~1/momentum steps and start "
+        "at mean 0 / var 1, under which an untrained Spikformer is silent in eval mode); 'running': the running "
+        "statistics, as the export holds them")
 
 
 class EmaSettings(Settings):
@@ -245,6 +250,30 @@ class RaySettings(Settings):
     runtime_env: dict[str, Any] = {}
 
 
+class SweepCell(Settings):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
+    set: dict[str, Any] = Field({}, description="dotted key -> value, as --set would give them")
+
+
+class SweepSettings(Settings):
+    """A job run per cell and seed, under one parent MLflow run (pipeline/runner/sweep.py)."""
+
+    cells: list[SweepCell] = []
+    grid: dict[str, dict[str, dict[str, Any]]] = Field(
+        {}, description="axis -> level name -> overrides; every combination is a cell named 'level-level'"
+    )
+    seeds: int | list[int] = Field(1, description="a count (seed, seed+1, ...) or the seeds themselves")
+    max_concurrent: int = Field(1, ge=1, description="cells at once, as far as the Ray cluster has CPUs for them")
+
+    @model_validator(mode="after")
+    def _some_cell(self) -> SweepSettings:
+        if not self.cells and not self.grid:
+            raise ValueError("give sweep.cells or sweep.grid")
+        if isinstance(self.seeds, int) and self.seeds < 1:
+            raise ValueError("sweep.seeds must be >= 1 (or a list of seeds)")
+        return self
+
+
 class JobConfig(Settings):
     name: str
     output_root: str = Field("outputs", description="fsspec URL where stage outputs go")
@@ -256,6 +285,21 @@ class JobConfig(Settings):
     scaling: ScalingSettings = ScalingSettings()
     mlflow: MlflowSettings = MlflowSettings()
     ray: RaySettings = RaySettings()
+    sweep: SweepSettings | None = None
+
+
+def with_overrides(job: JobConfig, overrides: Mapping[str, Any], label: str) -> JobConfig:
+    """The job with dotted-key overrides applied (checked as --set checks them), validated again."""
+    raw = job.model_dump(mode="python")  # keeps secrets as SecretStr (a JSON dump would mask them)
+    for key, value in overrides.items():
+        try:
+            _apply_override(raw, f"{key}={json.dumps(value)}", label)
+        except PipelineError as err:
+            raise PipelineError(f"{label}: {str(err).removeprefix('--set ')}") from None
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise PipelineError("\n".join(f"{label}: {line}" for line in _describe_errors(exc))) from None
 
 
 # =========================================================================== loading

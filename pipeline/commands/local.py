@@ -31,6 +31,10 @@ def main(args: argparse.Namespace) -> int:
         handler.setFormatter(formatter)
     try:
         job, stages = load(args)
+        if job.sweep is not None:
+            from pipeline.errors import PipelineError
+
+            raise PipelineError(f"{args.job}: sweep: sweeps run under `python -m pipeline run` (Ray), not `local`")
         outcome = run_local(job, stages, job_file=args.job)
         if outcome is not None:
             print(summary(outcome), flush=True)

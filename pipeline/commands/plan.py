@@ -29,11 +29,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"job {job.name}: {job.model.variant}, {job.scaling.num_workers} worker(s), output {job.output_root}")
     if job.data.build is not None:
         print(f"  shards     build {job.data.build.source} {','.join(job.data.build.splits)} (Ray tasks)")
-    for planned in plan_job(job, stages):
-        upstream = STAGES[planned.stage].upstream
-        after = f" <- {upstream}" if upstream else ""
-        fingerprint = planned.fingerprint[:12] if planned.fingerprint else "-" * 12
-        print(f"  {planned.stage:<10} {fingerprint}  {planned.status}{after}")
+    if job.sweep is not None:
+        from pipeline.runner.sweep import plan_sweep
+
+        for run, planned_stages in plan_sweep(job, stages):
+            print(f"  cell {run.cell} seed {run.seed} (job {run.job.name})")
+            _print_stages(planned_stages, STAGES, indent="    ")
+        return 0  # costs: plan one cell's spec (the sweep's base) without its sweep block
+    _print_stages(plan_job(job, stages), STAGES)
     if args.no_costs:
         return 0
     from pipeline.costplan import Cluster, format_costs, plan_costs
@@ -46,3 +49,11 @@ def main(args: argparse.Namespace) -> int:
     cluster = Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu)
     print(format_costs(plan_costs(job, selected_stages(job, stages), cluster), cluster))
     return 0
+
+
+def _print_stages(planned_stages, table, indent: str = "  ") -> None:
+    for planned in planned_stages:
+        upstream = table[planned.stage].upstream
+        after = f" <- {upstream}" if upstream else ""
+        fingerprint = planned.fingerprint[:12] if planned.fingerprint else "-" * 12
+        print(f"{indent}{planned.stage:<10} {fingerprint}  {planned.status}{after}")

@@ -22,6 +22,14 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.runner.job import run_job
     from pipeline.runner.ray_backend import RayBackend
 
+    if job.sweep is not None:
+        from pipeline.runner.sweep import run_sweep
+
+        parent, runs = run_sweep(job, RayBackend, stages, job_file=args.job)
+        reused = sum(r.reused for r in runs)
+        print(f"sweep run {parent} finished: {len(runs)} cell runs ({reused} reused); "
+              "comparison.csv/.md/.png are its artifacts under comparison/")
+        return 0
     outcome = run_job(job, RayBackend(), stages, job_file=args.job)
     print(summary(outcome))
     return 0

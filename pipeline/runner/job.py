@@ -67,14 +67,18 @@ def ending(err: BaseException) -> tuple[str, str | None]:
     return "FAILED", f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
 
 
-def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job_file: str | None = None) -> JobOutcome:
+def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job_file: str | None = None,
+            parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> JobOutcome:
+    """parent_run_id/tags: a sweep's cell job run is a child of the sweep's run."""
     stages = selected_stages(job, only)
     tracker = tracking.prepare(job.mlflow)  # fails fast on an unreachable server, creates the DB once
     check_job(job, stages, tracker)  # what the spec names exists, before shards, Ray or trainers
     _stop_on_sigterm()
     backend.start(job)
     datasets = resolve_datasets(job, build=True, shard_workers=backend.shard_workers)
-    tags = {"pipeline.job_file": job_file or "", "pipeline.launcher": backend.name}
+    tags = {"pipeline.job_file": job_file or "", "pipeline.launcher": backend.name, **(tags or {})}
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
     job_run_id = open_job_run(tracker, job, stages, tags)
     outcome = JobOutcome(job_run_id, tracker.tracking_uri)
     try:
@@ -106,9 +110,14 @@ def run_stage(job: JobConfig, name: str, tracker, job_run_id: str, datasets: Dat
     return StageOutcome(name, plan.fingerprint, run_id, result, skipped=False)
 
 
+def spec_digest(job: JobConfig, stages: list[str]) -> str:
+    """Identifies "the same job again": the resolved spec and the stage selection."""
+    return stage_fingerprint("job", {"spec": resolved_dict(job), "stages": stages}, {})
+
+
 def open_job_run(tracker, job: JobConfig, stages: list[str], tags: dict[str, str]) -> str:
     """The job's parent run: an interrupted run of the same spec is continued (same id), else a new one."""
-    digest = stage_fingerprint("job", {"spec": resolved_dict(job), "stages": stages}, {})
+    digest = spec_digest(job, stages)
     interrupted = tracker.interrupted_runs(f"tags.`{tracking.JOB_TAG}` = '{_quoted(job.name)}' "
                                            f"and tags.`{tracking.SPEC_TAG}` = '{digest}'")
     interrupted = [r for r in interrupted if tracking.STAGE_TAG not in r.data.tags]
