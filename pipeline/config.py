@@ -253,6 +253,7 @@ class RaySettings(Settings):
 class SweepCell(Settings):
     name: str = Field(pattern=r"^[A-Za-z0-9_.+-]+$")
     set: dict[str, Any] = Field({}, description="dotted key -> value, as --set would give them")
+    seeds: int | list[int] | None = Field(None, description="this cell's seeds; default: sweep.seeds")
 
 
 class SweepSettings(Settings):

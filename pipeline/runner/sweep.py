@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import JobConfig, with_overrides
+from pipeline.errors import PipelineError
 from pipeline.runner.job import run_job, spec_digest
 from pipeline.runner.plan import PlannedStage, plan_job
 from pipeline.runner.preflight import check_job
@@ -52,22 +53,27 @@ def expand(job: JobConfig) -> list[CellRun]:
     """Every (cell, seed) as its own validated job; a bad override is one line naming cell and key."""
     sweep = job.sweep
     assert sweep is not None
-    cells = [(c.name, dict(c.set)) for c in sweep.cells]
+    cells = [(c.name, dict(c.set), c.seeds) for c in sweep.cells]
     if sweep.grid:
         axes = list(sweep.grid.values())
         for combo in itertools.product(*(list(axis.items()) for axis in axes)):
-            cells.append(("-".join(name for name, _ in combo), {k: v for _, o in combo for k, v in o.items()}))
-    names = [name for name, _ in cells]
+            cells.append(("-".join(name for name, _ in combo), {k: v for _, o in combo for k, v in o.items()},
+                          None))
+    names = [name for name, _, _ in cells]
     if len(set(names)) != len(names):
-        raise ValueError(f"sweep: cell names repeat: {sorted({n for n in names if names.count(n) > 1})}")
-    seeds = list(range(job.seed, job.seed + sweep.seeds)) if isinstance(sweep.seeds, int) else list(sweep.seeds)
+        raise PipelineError(f"sweep: cell names repeat: {sorted({n for n in names if names.count(n) > 1})}")
     base = job.model_copy(update={"sweep": None})
     runs = []
-    for (name, overrides), seed in itertools.product(cells, seeds):
-        cell_job = with_overrides(base, {"seed": seed, **overrides, "name": f"{job.name}.{name}.s{seed}"},
-                                  f"sweep cell {name}")
-        runs.append(CellRun(name, seed, cell_job))
+    for name, overrides, seeds in cells:
+        for seed in _seeds(job.seed, sweep.seeds if seeds is None else seeds):
+            cell_job = with_overrides(base, {"seed": seed, **overrides, "name": f"{job.name}.{name}.s{seed}"},
+                                      f"sweep cell {name}")
+            runs.append(CellRun(name, seed, cell_job))
     return runs
+
+
+def _seeds(first: int, seeds: int | list[int]) -> list[int]:
+    return list(range(first, first + seeds)) if isinstance(seeds, int) else list(seeds)
 
 
 def plan_sweep(job: JobConfig, only: list[str] | None = None) -> list[tuple[CellRun, list[PlannedStage]]]:

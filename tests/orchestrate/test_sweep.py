@@ -4,7 +4,6 @@ per cell, the comparison table and plot as its artifacts; a re-run reuses the fi
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -69,7 +68,7 @@ def test_two_cell_sweep_then_rerun(tmp_path):
     files = {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")}
     assert files == {"comparison/comparison.csv", "comparison/comparison.md", "comparison/comparison.png"}
     local = client.download_artifacts(parent.info.run_id, "comparison/comparison.csv", str(tmp_path / "dl"))
-    rows = {r["cell"]: r for r in csv.DictReader(io.open(local))}
+    rows = {r["cell"]: r for r in csv.DictReader(open(local))}
     assert set(rows) == {"T1", "T2"} and all(r["seeds"] == "1" for r in rows.values())
     evaluates = {r.data.tags["pipeline.sweep"]: r for r in cells}
     for cell, row in rows.items():  # the table holds what the cell's evaluate run measured
