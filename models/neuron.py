@@ -18,7 +18,7 @@ All time steps are in the input tensor ``[T, B, ...]``.
 fused kernel can be registered with ``register_lif_backend`` and selected per module without touching
 the networks. Built in: "torch" (this reference, the oracle), "triton" (``models.lif_triton``, fused
 kernels for CUDA tensors) and "auto" (the default: "triton" for CUDA inputs when Triton is installed,
-"torch" otherwise, e.g. on CPU).
+"torch" otherwise, e.g. on CPU, and inside torch.compile, whose Inductor fuses the reference).
 """
 
 from __future__ import annotations
@@ -111,7 +111,9 @@ def _lif_triton(*args) -> torch.Tensor:
 
 
 def _lif_auto(x: torch.Tensor, *args) -> torch.Tensor:
-    if x.is_cuda:
+    # Under torch.compile the reference is traced and Inductor fuses it into its own kernels; the
+    # Triton launch is opaque to the compiler (a graph break per neuron).
+    if x.is_cuda and not torch.compiler.is_compiling():
         from . import lif_triton
 
         if lif_triton.can_run(x):

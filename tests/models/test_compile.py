@@ -228,3 +228,14 @@ def test_ssa_attention_spikes_under_bf16_equal_float32_arithmetic():
     assert captured["attn_in"].dtype == torch.float32
     assert torch.equal(captured["attn_in"].double(), exact)
     assert torch.equal(captured["attn_out"].double(), (exact >= 1.0).double())  # T = 1: V_th 0.5 at tau 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_no_graph_breaks_on_cuda_either():
+    """On CUDA the "auto" LIF backend would launch the (compiler-opaque) Triton kernels; under
+    torch.compile it traces the reference instead, which Inductor fuses."""
+    images = torch.randn(2, 3, 32, 32, device="cuda")
+    torch._dynamo.reset()
+    for model in (_tiny_mim().cuda().train(), models.create("spikformer_v2_tiny").cuda().train()):
+        assert torch._dynamo.explain(model)(images).graph_break_count == 0
+    torch._dynamo.reset()
