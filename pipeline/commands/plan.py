@@ -29,14 +29,16 @@ def main(args: argparse.Namespace) -> int:
     print(f"job {job.name}: {job.model.variant}, {job.scaling.num_workers} worker(s), output {job.output_root}")
     if job.data.build is not None:
         print(f"  shards     build {job.data.build.source} {','.join(job.data.build.splits)} (Ray tasks)")
+    sweep = None
     if job.sweep is not None:
         from pipeline.runner.sweep import plan_sweep
 
-        for run, planned_stages in plan_sweep(job, stages):
+        sweep = plan_sweep(job, stages)
+        for run, planned_stages in sweep:
             print(f"  cell {run.cell} seed {run.seed} (job {run.job.name})")
             _print_stages(planned_stages, STAGES, indent="    ")
-        return 0  # costs: plan one cell's spec (the sweep's base) without its sweep block
-    _print_stages(plan_job(job, stages), STAGES)
+    else:
+        _print_stages(plan_job(job, stages), STAGES)
     if args.no_costs:
         return 0
     from pipeline.costplan import Cluster, format_costs, plan_costs
@@ -44,6 +46,9 @@ def main(args: argparse.Namespace) -> int:
     gpus = args.gpus or job.scaling.num_workers
     if gpus < 1 or not 0 < args.mfu <= 1 or (args.gpu_tflops is not None and args.gpu_tflops <= 0):
         raise PipelineError("--gpus must be >= 1, --mfu in (0, 1], --gpu-tflops > 0")
+    if sweep is not None:
+        print(_sweep_costs(sweep, Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu), plan_costs))
+        return 0
     if gpus != job.scaling.num_workers:
         print(f"  (costs for {gpus} GPUs, as with --set scaling.num_workers={gpus}: the global batch changes)")
     cluster = Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu)
@@ -57,3 +62,30 @@ def _print_stages(planned_stages, table, indent: str = "  ") -> None:
         after = f" <- {upstream}" if upstream else ""
         fingerprint = planned.fingerprint[:12] if planned.fingerprint else "-" * 12
         print(f"{indent}{planned.stage:<10} {fingerprint}  {planned.status}{after}")
+
+
+def _sweep_costs(sweep, cluster, plan_costs) -> str:
+    """GPU-hours per cell (summed over its seeds) and in all; a stage several cells share (same
+    fingerprint, e.g. one pretraining per seed) is counted once, where the first cell runs it."""
+    seen: set[str] = set()
+    per_cell: dict[str, list[float]] = {}
+    for run, planned in sweep:
+        hours = 0.0
+        costs = plan_costs(run.job, [p.stage for p in planned], cluster)
+        for stage_plan, cost in zip(planned, costs, strict=True):
+            if stage_plan.fingerprint in seen or stage_plan.status.startswith("skip"):
+                continue
+            if stage_plan.fingerprint:
+                seen.add(stage_plan.fingerprint)
+            hours += cost.gpu_hours or 0.0
+        per_cell.setdefault(run.cell, []).append(hours)
+    lines = ["", f"sweep cost on {cluster.gpus} GPU(s) at MFU {cluster.mfu:.0%} (shared stages counted once):",
+             "| cell | runs | GPU-hours |", "|---|---:|---:|"]
+    lines += [f"| {cell} | {len(h)} | {sum(h):,.1f} |" for cell, h in per_cell.items()]
+    total = sum(sum(h) for h in per_cell.values())
+    lines.append(f"| all | {sum(len(h) for h in per_cell.values())} | {total:,.1f} |")
+    if cluster.gpu_tflops is None:
+        lines.append("(pass --gpu-tflops for GPU-hours)")
+    else:
+        lines.append(f"wall time on {cluster.gpus} GPU(s), cells one after another: {total / cluster.gpus:,.1f} h")
+    return "\n".join(lines)
