@@ -1,7 +1,7 @@
 """The typed job spec: everything a user edits lives in one YAML validated into these classes.
 
 Each block is a strict pydantic model (unknown keys are errors). Recipe defaults follow
-DESIGN.md §3 (MAE/SparK-style SSL, MAE/BEiT-style finetuning); jobs/*.yaml override them.
+MAE/SparK-style SSL and MAE/BEiT-style finetuning (docs/REPRODUCE.md names the sources); jobs/*.yaml override them.
 Loading (YAML, ${ENV} interpolation, --set overrides, error wording) lives further down.
 """
 

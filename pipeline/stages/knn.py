@@ -16,9 +16,15 @@ every sample dealt to exactly one rank, pipeline.data.stream role "eval"):
 - the bank's features and labels are all-gathered (padding removed), every rank classifies its
   own eval share, and the hit counts are all-reduced: top-1/top-5 are exact counts over `eval_size`
   samples, identical on every rank.
-The encoder runs in eval mode, under no_grad and a forked RNG, after its BatchNorm running
-statistics were averaged over ranks (what the export will hold), so the monitor changes no
-weight and no random draw of the training.
+BatchNorm statistics (`knn_bn_stats`): "bank" (default) re-estimates them before every evaluation
+as the plain average over the bank batches (train-mode forwards, averaged over ranks; PreciseBN),
+then puts the running ones back; "running" uses the running statistics, averaged over ranks (what
+the export holds). The running statistics start at mean 0 / var 1 and follow the weights with
+momentum 0.1: under them an untrained Spikformer emits no spike in eval mode (all-zero features,
+kNN at chance), and after 12 MIM steps on digits it is still silent, so they would show the lag of
+the statistics rather than what the weights learned.
+The encoder runs in eval mode (train mode only for the estimate), under no_grad and a forked RNG:
+the monitor changes no weight, no running statistic and no random draw of the training.
 """
 
 from __future__ import annotations
@@ -239,7 +245,9 @@ class KnnMonitor:
         iterator = iter(self.bank_loader)
         try:
             for _ in range(self._batches(self.bank_loader, self.bank_size)):
-                yield next(iterator)[0].to(self.device, self.dtype)
+                images, labels = next(iterator)
+                real = labels >= 0  # statistics of real images; an all-padding batch still runs (ZeRO-3)
+                yield (images[real.to(images.device)] if real.any() else images).to(self.device, self.dtype)
         finally:
             close = getattr(iterator, "close", None)
             if close is not None:

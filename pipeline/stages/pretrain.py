@@ -8,7 +8,8 @@ Output (in ctx.output_url):
   logged every `reconstruction_every_steps` and at the end (ctx.log_image; final one also saved).
 - SSL health, with `knn_every_steps` set: the weighted kNN monitor (pipeline.stages.knn) on the
   encoder's pooled features, bank from "train", queries from "eval", logged as knn_top1/knn_top5 at
-  step 0 (random encoder), every `knn_every_steps` and at the last step; the summary metrics add
+  step 0 (random encoder), every `knn_every_steps` and at the last step, with BatchNorm statistics
+  re-estimated on the bank images (`knn_bn_stats: bank`) or as they run; the summary metrics add
   knn_seconds_total and knn_time_share (its share of this rank's pretraining wall time).
 The encoder is built with the pretraining T (default 1) and no head, so no frozen parameter sits in
 the DeepSpeed engine.
@@ -106,6 +107,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     grids = ReconstructionGrids(trainer, mim, mean, std, seed=job.seed)
     last_images: list[torch.Tensor] = []
     engine = trainer.engine
+    estimate_bn = settings.knn_bn_stats == "bank"
     monitor = None if not settings.knn_every_steps else build_monitor(
         job, settings, inputs, engine.module.encoder, rank=trainer.rank, world_size=trainer.world_size,
         device=engine.device, dtype=engine.compute_dtype)
@@ -115,13 +117,13 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
         if out.step % settings.reconstruction_every_steps == 0:
             grids.log(batch[0], f"reconstruction_step{out.step:07d}.png")
         if monitor is not None and (out.step % settings.knn_every_steps == 0 or engine.finished):
-            ctx.log_metrics(monitor.evaluate(out.step), out.step)
+            ctx.log_metrics(monitor.evaluate(out.step, estimate_bn=estimate_bn), out.step)
 
     hooks.after_step = after_step
     trainer.resume()
     outside_fit = 0.0
     if monitor is not None and engine.step == 0:
-        ctx.log_metrics(monitor.evaluate(0, estimate_bn=True), 0)  # the random encoder: what training adds
+        ctx.log_metrics(monitor.evaluate(0, estimate_bn=estimate_bn), 0)  # the random encoder
         outside_fit = monitor.seconds
     trainer.fit()
     trainer.save_final()
