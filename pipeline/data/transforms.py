@@ -1,4 +1,4 @@
-"""timm `create_transform` pipelines per role, with the recipe defaults of DESIGN.md §3.
+"""timm `create_transform` pipelines per role, with the recipe defaults of pipeline/config.py (MAE-style crops).
 
 - pretrain: RandomResizedCrop(scale 0.2-1) + horizontal flip, no colour jitter (MAE/SparK style);
 - train: RandomResizedCrop + flip + RandAugment "rand-m9-mstd0.5-inc1" + random erasing 0.25
