@@ -4,7 +4,7 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-slow test-all lint quickstart bench clean
+.PHONY: setup test test-slow test-all lint quickstart ablations bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ lint: setup
 
 quickstart: setup
 	$(BIN)/python -m pipeline run jobs/quickstart.yaml
+
+# the paper's ablations on digits (SSL vs scratch x labels x 3 seeds, SSA vs softmax, SCS vs SPS, T 1 vs 4)
+ablations: setup
+	$(BIN)/python -m pipeline run jobs/ablations.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
