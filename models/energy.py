@@ -12,6 +12,8 @@ Conventions (those of the paper):
   and the classifier ``head`` (its input is the T- and token-average, a real number, applied once).
 * Energy per image = sum of the MAC and AC terms. The attention rows use the rate of the event
   operand: K for K^T V (each K spike adds a row of V), Q for Q (K^T V).
+* The softmax-attention ablation (``SoftmaxSelfAttention``): Q K^T and softmax(.) V (N^2 D each) and
+  the projection after them have real-valued operands, so they are MAC rows.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from .neuron import MultiStepLIF
-from .spikformer import SSA
+from .spikformer import SSA, SoftmaxSelfAttention
 
 E_MAC_PJ = 4.6
 E_AC_PJ = 0.9
@@ -169,6 +171,18 @@ class EnergyMeter:
 
         return hook
 
+    def _softmax_attn_hook(self, name: str):
+        """Real-valued products (Q K^T, softmax(.) V) and the projection of their output: MACs."""
+        self.mac_layers.update({f"{name}.qk", f"{name}.av", f"{name}.proj_conv"})
+
+        def hook(module: SoftmaxSelfAttention, inputs, out):
+            T, B, _, H, W = out.shape
+            for suffix, flops in zip(("qk", "av"), module.attention_flops(H * W), strict=True):
+                entry = self._entry(f"{name}.{suffix}", "attn", flops)
+                entry["rows"] += T * B
+
+        return hook
+
     def _register(self) -> list:
         handles = []
         for name, module in self.model.named_modules():
@@ -180,6 +194,8 @@ class EnergyMeter:
                 handles.append(module.register_forward_hook(self._dense_hook(name, "linear")))
             elif isinstance(module, SSA):
                 handles.append(module.register_forward_hook(self._attn_hook(name)))
+            elif isinstance(module, SoftmaxSelfAttention):
+                handles.append(module.register_forward_hook(self._softmax_attn_hook(name)))
         return handles
 
     # --- use --------------------------------------------------------------------------------------
@@ -297,10 +313,10 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int
     def dense(name):
         return lambda m, i, o: flops.__setitem__(name, _dense_flops_per_row(m, o))
 
-    def attn(name):
-        def hook(m: SSA, i, o):
-            kv, qkv = m.attention_flops(o.shape[-2] * o.shape[-1])
-            flops[f"{name}.kv"], flops[f"{name}.qkv"] = kv, qkv
+    def attn(name, suffixes):
+        def hook(m: SSA | SoftmaxSelfAttention, i, o):
+            first, second = m.attention_flops(o.shape[-2] * o.shape[-1])
+            flops[f"{name}.{suffixes[0]}"], flops[f"{name}.{suffixes[1]}"] = first, second
 
         return hook
 
@@ -309,7 +325,9 @@ def count_flops(model: nn.Module, img_size: int | tuple[int, int], in_chans: int
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             handles.append(module.register_forward_hook(dense(name)))
         elif isinstance(module, SSA):
-            handles.append(module.register_forward_hook(attn(name)))
+            handles.append(module.register_forward_hook(attn(name, ("kv", "qkv"))))
+        elif isinstance(module, SoftmaxSelfAttention):
+            handles.append(module.register_forward_hook(attn(name, ("qk", "av"))))
     param = next(model.parameters())
     saved_T, was_training = getattr(model, "T", None), model.training
     try:

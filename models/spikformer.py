@@ -561,6 +561,58 @@ class SSA(nn.Module):
         return out.reshape(T, B, C, H, W)
 
 
+class SoftmaxSelfAttention(nn.Module):
+    """The non-spiking control for SSA (ablation ``attention="softmax"``): the same block, real-valued.
+
+    Exactly SSA with its four neurons on Q, K, V and the attention output removed and softmax
+    attention in place of Q K^T V * scale: Q, K, V = BN(Conv1x1(x)) are real numbers (no LIF);
+    out = softmax(Q K^T / sqrt(d)) V per head and time step (``F.scaled_dot_product_attention``); then
+    the same projection Conv1x1 -> BN -> LIF as SSA, so the block still outputs spikes to the residual
+    stream. The parameters (and their names) are SSA's, so parameter counts and checkpoints match.
+    Under a mask (MIM's dense path) masked keys are excluded from the softmax, so masked tokens still
+    contribute nothing and the visible-token path computes the same function. Energy: its attention
+    products and the projection see real-valued inputs, so ``models.energy`` charges them as MACs.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, lif_kwargs: dict | None = None) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        for name in ("q", "k", "v"):
+            setattr(self, f"{name}_conv", nn.Conv1d(dim, dim, kernel_size=1, stride=1, bias=False))
+            setattr(self, f"{name}_bn", MaskedBatchNorm1d(dim))
+        self.proj_conv = nn.Conv1d(dim, dim, kernel_size=1, stride=1)
+        self.proj_bn = MaskedBatchNorm1d(dim)
+        self.proj_lif = MultiStepLIF(**(lif_kwargs or {}))
+
+    def attention_flops(self, num_tokens: int) -> tuple[int, int]:
+        """Multiply-accumulates of (Q K^T, softmax(.) V) per image and time step."""
+        flops = num_tokens * num_tokens * self.dim  # heads * (N x d @ d x N)
+        return flops, flops
+
+    def _project(self, name: str, x: torch.Tensor, mask: VisibleMask | None) -> torch.Tensor:
+        y = _zero_masked(mask, getattr(self, f"{name}_conv")(x))
+        return _norm(getattr(self, f"{name}_bn"), y, mask)
+
+    def forward(self, x: torch.Tensor, mask: VisibleMask | None = None) -> torch.Tensor:
+        T, B, C, H, W = x.shape
+        N = H * W
+        rows = x.flatten(3).flatten(0, 1)  # [T*B, C, N]
+        heads = (T * B, self.num_heads, C // self.num_heads, N)
+        q, k, v = (self._project(n, rows, mask).reshape(heads).transpose(-1, -2) for n in "qkv")  # [TB, h, N, d]
+        keys = None if mask is None else mask.token_rows().unsqueeze(1)  # [TB, 1, 1, N]: visible keys
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)  # [TB, h, N, d]
+        out = out.transpose(-1, -2).reshape(T * B, C, N)
+        out = _zero_masked(mask, self.proj_conv(out))
+        out = _fire(self.proj_lif, _norm(self.proj_bn, out, mask), T, mask)
+        return out.reshape(T, B, C, H, W)
+
+
+ATTENTIONS = ("ssa", "softmax")
+
+
 class MLP(nn.Module):
     """1x1 conv D -> hidden -> D, each followed by BN and LIF."""
 
@@ -584,7 +636,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x = x + SSA(x); x = x + MLP(x) (SEW-style ADD), with stochastic depth on both branches."""
+    """x = x + SSA(x); x = x + MLP(x) (SEW-style ADD), with stochastic depth on both branches.
+
+    ``attention="softmax"`` puts ``SoftmaxSelfAttention`` (the non-spiking control) in place of SSA.
+    """
 
     def __init__(
         self,
@@ -595,9 +650,15 @@ class Block(nn.Module):
         attn_scale: float = 0.125,
         attn_v_threshold: float = 0.5,
         lif_kwargs: dict | None = None,
+        attention: str = "ssa",
     ) -> None:
         super().__init__()
-        self.attn = SSA(dim, num_heads, attn_scale, attn_v_threshold, lif_kwargs)
+        if attention == "ssa":
+            self.attn = SSA(dim, num_heads, attn_scale, attn_v_threshold, lif_kwargs)
+        elif attention == "softmax":
+            self.attn = SoftmaxSelfAttention(dim, num_heads, lif_kwargs)
+        else:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.mlp = MLP(dim, int(dim * mlp_ratio), lif_kwargs)
         self.drop_path = TimeDropPath(drop_path)
 
@@ -628,6 +689,8 @@ class Spikformer(nn.Module):
         drop_path_rate: stochastic depth, linearly increasing from 0 to this over the blocks.
         attn_scale, attn_v_threshold: SSA scale (0.125) and threshold of the neuron after Q K^T V (0.5).
         stem: "sps" (V1) or "scs" (V2); stem_pools: number of down-sampling stages (stride 2**pools).
+        attention: "ssa" (Spiking Self-Attention) or "softmax" (``SoftmaxSelfAttention``: the same
+            block with real-valued Q/K/V and softmax attention, the non-spiking ablation control).
         scs_extra_convs, scs_residual: SCS supplementary layer layout (see ``SCS``).
         lif_kwargs: extra ``MultiStepLIF`` arguments for every neuron (tau, alpha, backend, ...).
     """
@@ -650,8 +713,11 @@ class Spikformer(nn.Module):
         scs_extra_convs: Sequence[int] = (0, 0, 1, 9),
         scs_residual: bool = True,
         lif_kwargs: dict | None = None,
+        attention: str = "ssa",
     ) -> None:
         super().__init__()
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if T < 1:
             raise ValueError(f"T must be >= 1, got {T}")
         self.img_size = img_size
@@ -662,6 +728,7 @@ class Spikformer(nn.Module):
         self.num_heads = num_heads
         self.T = T
         self.stem_type = stem
+        self.attention = attention
         if stem == "sps":
             self.patch_embed = SPS(in_chans, embed_dim, stem_pools, lif_kwargs)
         elif stem == "scs":
@@ -671,7 +738,8 @@ class Spikformer(nn.Module):
         self.patch_stride = self.patch_embed.stride
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.block = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, rate, attn_scale, attn_v_threshold, lif_kwargs) for rate in rates
+            Block(embed_dim, num_heads, mlp_ratio, rate, attn_scale, attn_v_threshold, lif_kwargs, attention)
+            for rate in rates
         )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
