@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 
 # Loggers whose INFO lines are ours; every other logger reaches the console from WARNING up.
@@ -94,7 +95,7 @@ def configure_logging(rank: int, log_file: str | None = None) -> None:
             root.removeHandler(handler)
             if isinstance(handler, logging.FileHandler):
                 handler.close()
-    console = logging.StreamHandler()  # sys.stderr
+    console = _CurrentStderr()
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     console.addFilter(ConsoleFilter())
     console.setFormatter(ConsoleFormatter(rank))
@@ -111,6 +112,19 @@ def configure_logging(rank: int, log_file: str | None = None) -> None:
     logging.captureWarnings(True)  # warnings -> logger "py.warnings", so the filter and the file see them
     for name in OWN_HANDLER_LOGGERS:
         _adopt(logging.getLogger(name))
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (pytest, notebooks and the CLI called twice
+    in one process swap it; a handler holding an old, closed stream would fail)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _is_console(handler: logging.Handler) -> bool:

@@ -10,7 +10,6 @@ PipelineError listing them, and the CLI prints one line per problem and exits no
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import IO, Any
 
 from pipeline.data import fsutil
 from pipeline.data.manifest import Manifest, ShardEntry, load_manifest
+from pipeline.data.shardio import HashingReader
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -64,25 +64,6 @@ class VerifyReport:
     @property
     def bad_shards(self) -> list[str]:
         return sorted({problem.url for problem in self.problems})
-
-
-class _HashingReader:
-    """Counts and hashes every byte read through it (the tar reader reads the stream once)."""
-
-    def __init__(self, raw: IO[bytes]):
-        self.raw = raw
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
 
 
 def _reason(exc: BaseException) -> str:
@@ -150,7 +131,7 @@ def check_shard(url: str, entry: ShardEntry, num_classes: int, decode: bool = Fa
         check.problems.append(Problem(url, f"cannot open: {fsutil.describe_fs_error(exc)}"))
         return check
     with raw:
-        reader = _HashingReader(raw)
+        reader = HashingReader(raw)
         try:
             for sample in _samples(reader, url):
                 check.samples += 1
