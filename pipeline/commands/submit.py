@@ -58,21 +58,25 @@ def entrypoint(args: argparse.Namespace, job: JobConfig, address: str, cwd: str 
 
 
 def is_this_machine(address: str) -> bool:
-    """A Ray address (http://host:8265, host:6379, ray://host:10001, auto) that points at this machine."""
+    """A Ray address (http://host:8265, host:6379, ray://host:10001, auto) that points at this machine:
+    its host resolves to an address a socket here can bind (loopback, this machine's interfaces)."""
     if address in ("auto", "local"):
         return True
     host = urlsplit(address if "://" in address else f"//{address}").hostname
     if not host:
         return False
-    if host in ("localhost", "::1", "0.0.0.0") or host.startswith("127."):
-        return True
-    names = {socket.gethostname(), socket.getfqdn()}
-    if host in names:
-        return True
     try:
-        return host in {socket.gethostbyname(name) for name in names}
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
     except OSError:
-        return False
+        return False  # unresolvable here: not this machine
+    for family, kind, _, _, sockaddr in found:
+        with socket.socket(family, kind) as probe:
+            try:
+                probe.bind((sockaddr[0], 0))
+                return True
+            except OSError:
+                continue
+    return False
 
 
 def main(args: argparse.Namespace) -> int:
