@@ -84,7 +84,9 @@ def named_manifests(job: JobConfig, stages: Sequence[str]) -> dict[str, str]:
     named = {}
     for name in stages:
         for role in STAGES[name].roles(job):
-            key = key_of_role[role]
+            key = key_of_role.get(role)
+            if key is None:  # a role the spec cannot name itself
+                continue
             url = getattr(data, key.split(".")[1])
             if url and not _written_by_build(job, url):
                 named[key] = url
