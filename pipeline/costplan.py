@@ -153,7 +153,8 @@ def saved_activation_bytes(model: torch.nn.Module, img_size: int) -> int:
 
     channels = int(getattr(model, "in_chans", 3))
     device = next(model.parameters()).device  # meta for plans; a real device gives the same count
-    images = torch.zeros(1, channels, img_size, img_size, device=device)
+    batch = 2  # training-mode BatchNorm needs more than one value per channel (a probe's BN1d); halved below
+    images = torch.zeros(batch, channels, img_size, img_size, device=device)
     was_training = model.training
     model.train()
     try:
@@ -162,13 +163,13 @@ def saved_activation_bytes(model: torch.nn.Module, img_size: int) -> int:
                 # MIM: the dense encoder path (masked BN selects rows by value, which the meta device
                 # cannot do); the sparse path saves the same tensors plus a few row indices
                 grid = model.patch_grid(images.shape)
-                mask = torch.zeros(1, grid[0] * grid[1], dtype=torch.bool, device=device)
+                mask = torch.zeros(batch, grid[0] * grid[1], dtype=torch.bool, device=device)
                 model.forward_decoder(model.forward_encoder(images, None), mask, grid)
             else:
                 model(images)
     finally:
         model.train(was_training)
-    return sum(seen.values())
+    return sum(seen.values()) // batch
 
 
 # --------------------------------------------------------------------------- datasets
@@ -249,6 +250,10 @@ def plan_stage(job: JobConfig, stage: str, cluster: Cluster) -> StageCost:
     spec = STAGES[stage]
     model = measure_model(job, stage)
     data = dataset_info(job, spec.roles(job)[0])
+    fraction = getattr(spec.settings(job), "label_fraction", 1.0)
+    if data.samples is not None and fraction < 1:  # an epoch is one pass over the labelled subset
+        data = DatasetInfo(max(1, round(data.samples * fraction)), data.shards, data.bytes,
+                           f"{data.source}, {fraction:.0%} of its labels")
     T = spec.T(job)
     world = cluster.gpus
     forward = 2.0 * (model.encoder_macs * T + model.decoder_macs)

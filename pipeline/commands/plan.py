@@ -67,16 +67,25 @@ def _print_stages(planned_stages, table, indent: str = "  ") -> None:
 def _sweep_costs(sweep, cluster, plan_costs) -> str:
     """GPU-hours per cell (summed over its seeds) and in all; a stage several cells share (same
     fingerprint, e.g. one pretraining per seed) is counted once, where the first cell runs it."""
+    from pipeline.fingerprint import stage_fingerprint
+    from pipeline.runner.resolve import stage_settings
+    from pipeline.stages.table import STAGES
+
     seen: set[str] = set()
     per_cell: dict[str, list[float]] = {}
     for run, planned in sweep:
-        hours = 0.0
+        hours, keys = 0.0, {}
         costs = plan_costs(run.job, [p.stage for p in planned], cluster)
         for stage_plan, cost in zip(planned, costs, strict=True):
-            if stage_plan.fingerprint in seen or stage_plan.status.startswith("skip"):
+            spec = STAGES[stage_plan.stage]
+            # before its inputs exist a stage has no fingerprint: its settings and its upstream's key
+            # (and the data it reads) say the same thing
+            keys[spec.name] = stage_plan.fingerprint or stage_fingerprint(spec.name, stage_settings(run.job, spec), {
+                "upstream": keys.get(spec.upstream, "") if spec.needs_upstream(run.job) else "",
+                "data": str(sorted((r, getattr(run.job.data, r, None)) for r in spec.roles(run.job)))})
+            if keys[spec.name] in seen or stage_plan.status.startswith("skip"):
                 continue
-            if stage_plan.fingerprint:
-                seen.add(stage_plan.fingerprint)
+            seen.add(keys[spec.name])
             hours += cost.gpu_hours or 0.0
         per_cell.setdefault(run.cell, []).append(hours)
     lines = ["", f"sweep cost on {cluster.gpus} GPU(s) at MFU {cluster.mfu:.0%} (shared stages counted once):",

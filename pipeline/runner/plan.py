@@ -24,7 +24,7 @@ class PlannedStage:
 
 def plan_job(job: JobConfig, only: list[str] | None = None) -> list[PlannedStage]:
     """What `run` would do now, without starting Ray, writing shards or training."""
-    check_job(job, selected_stages(job, only))  # before MLflow: references are resolved below
+    check_job(job, selected_stages(job, only), strict_inputs=False)  # before MLflow: references are resolved below
     try:
         tracker = tracking.prepare(job.mlflow)
     except PipelineError as err:  # a plan is still useful from a laptop that cannot see the cluster's MLflow
