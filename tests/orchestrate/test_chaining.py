@@ -44,7 +44,8 @@ def test_evaluate_split_train_of_an_export_named_by_job_reference(tmp_path):
 
     sets = [f"output_root={tmp_path}/out", f"mlflow.tracking_uri={uri}", f"mlflow.experiment={EXPERIMENT}",
             "data.build=null", f"data.train={manifests['train']}", f"data.val={manifests['val']}",
-            "stages.pretrain.enabled=false", "stages.finetune.enabled=false", "stages.evaluate.split=train",
+            "stages.pretrain.enabled=false", "stages.probe.enabled=false", "stages.finetune.enabled=false",
+            "stages.evaluate.split=train",
             "stages.evaluate.export=job:digits-ft", "scaling.num_workers=1", "data.loader_workers=0"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/quickstart.yaml",

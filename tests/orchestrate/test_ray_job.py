@@ -10,6 +10,7 @@ then two more runs of the same spec prove stage caching.
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,8 @@ def runs_by_stage(tmp: str) -> dict[str, list]:
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     experiment = client.get_experiment_by_name("spikformer-quickstart")
     by_stage: dict[str, list] = {}
+    if experiment is None:  # the driver has not created it yet
+        return by_stage
     for run in client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"]):
         by_stage.setdefault(run.data.tags.get("pipeline.stage", "job"), []).append(run)
     return by_stage
@@ -154,3 +157,31 @@ def test_rerun_skips_every_stage_and_a_finetune_change_reruns_only_downstream(su
     states = {line.split()[0]: line.split()[1] for line in changed.stdout.splitlines()
               if line.split()[:1] in (["pretrain"], ["finetune"], ["evaluate"])}
     assert states == {"pretrain": "reused", "finetune": "ran", "evaluate": "ran"}, changed.stdout
+
+
+@pytest.mark.slow
+def test_ray_job_stop_ends_the_runs_killed(ray_head, tmp_path):
+    """`ray job stop` sends the driver SIGTERM: the job run and the running stage run end KILLED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    _, dashboard, env = ray_head
+    sets = [*overrides(str(tmp_path)), "--set", "stages.pretrain.enabled=false", "--set", "stages.probe.enabled=false",
+            "--set",
+            "stages.finetune.init=scratch", "--set", "stages.finetune.max_steps=2000"]
+    client = JobSubmissionClient(dashboard)
+    entry = shlex.join(["python", "-m", "pipeline", "run", "jobs/quickstart.yaml", *sets])
+    job_id = client.submit_job(entrypoint=entry, runtime_env={"working_dir": str(REPO)})
+    store = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    deadline = time.time() + 600
+    while time.time() < deadline:  # until the finetune stage has logged a few steps
+        found = runs_by_stage(str(tmp_path)) if (tmp_path / "mlflow.db").exists() else {}
+        if "finetune" in found and store.get_metric_history(found["finetune"][-1].info.run_id, "loss"):
+            break
+        assert client.get_job_status(job_id) in (JobStatus.PENDING, JobStatus.RUNNING), client.get_job_logs(job_id)
+        time.sleep(2)
+    client.stop_job(job_id)
+    while client.get_job_status(job_id) not in (JobStatus.STOPPED, JobStatus.FAILED, JobStatus.SUCCEEDED):
+        time.sleep(1)
+    found = runs_by_stage(str(tmp_path))
+    assert found["job"][-1].info.status == "KILLED", client.get_job_logs(job_id)[-3000:]
+    assert found["finetune"][-1].info.status == "KILLED"

@@ -27,7 +27,8 @@ def test_a_corrupt_shard_fails_the_stage_at_once(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sets = [f"output_root={tmp_path}/out", f"mlflow.tracking_uri={uri}", "mlflow.experiment=retries",
             "data.build=null", f"data.train={urls['train']}", f"data.val={urls['val']}", "data.loader_workers=0",
-            "stages.pretrain.enabled=false", "stages.finetune.init=scratch", "stages.finetune.max_steps=30",
+            "stages.pretrain.enabled=false", "stages.probe.enabled=false", "stages.finetune.init=scratch",
+            "stages.finetune.max_steps=30",
             "scaling.num_workers=1", "scaling.max_failures=3"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     done = subprocess.run([sys.executable, "-m", "pipeline", "run", "jobs/quickstart.yaml",
