@@ -132,13 +132,25 @@ def _is_console(handler: logging.Handler) -> bool:
 
 
 def _adopt(logger: logging.Logger) -> None:
-    """Drop a library's own console handlers (its file handlers stay) and let records reach ours."""
+    """Drop a library's own console handlers (its file handlers, e.g. Ray's session logs, stay) and hand
+    its records to ours. Not by propagation: a parent ("ray") may hold a console handler of its own."""
     for handler in list(logger.handlers):
         if _is_console(handler):
             logger.removeHandler(handler)
-    logger.propagate = True
-    if logger.name == "DeepSpeed" and not any(isinstance(f, _ToRoot) for f in logger.filters):
-        logger.addFilter(_ToRoot())
+    if logger.name == "DeepSpeed":  # it may add its handler later (at import): a filter catches that too
+        if not any(isinstance(f, _ToRoot) for f in logger.filters):
+            logger.addFilter(_ToRoot())
+        return
+    if not any(isinstance(h, _ForwardToRoot) for h in logger.handlers):
+        logger.addHandler(_ForwardToRoot())
+    logger.propagate = False
+
+
+class _ForwardToRoot(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        for handler in logging.getLogger().handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
 
 
 def log_file_for(output_root: str, job_name: str, label: str) -> str | None:

@@ -131,18 +131,23 @@ def test_other_ranks_log_to_their_file_only(local_run):
 
 @pytest.fixture
 def fresh_logging():
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level, {n: logging.getLogger(n).propagate for n in ("DeepSpeed", "mlflow")})
+    """Puts the root logger and the library loggers configure_logging touches back as they were."""
+    from pipeline.console import OWN_HANDLER_LOGGERS
+
+    names = ["", *OWN_HANDLER_LOGGERS, "ray"]
+    saved = {n: (list(logging.getLogger(n).handlers), list(logging.getLogger(n).filters),
+                 logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names}
     yield
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    for handler in saved[0]:
-        root.addHandler(handler)
-    root.setLevel(saved[1])
-    for name, propagate in saved[2].items():
-        logging.getLogger(name).propagate = propagate
-    logging.getLogger("DeepSpeed").filters.clear()
+    for name, (handlers, filters, propagate, level) in saved.items():
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            if handler not in handlers:
+                handler.close()
+        for handler in handlers:
+            logger.addHandler(handler)
+        logger.filters[:] = filters
+        logger.propagate, logger.level = propagate, level
     logging.captureWarnings(False)
 
 
@@ -167,6 +172,31 @@ def test_configure_logging_rules(rank, tmp_path, capfd, fresh_logging):
     for line in ("pretrain step 1/2", "Found credentials", "retrying the S3 request", "all_gather_into_tensor",
                  "something new is deprecated"):
         assert line in text, line
+
+
+def test_ray_train_records_leave_the_console_but_keep_rays_own_files(tmp_path, capfd, fresh_logging):
+    """Ray sets `ray` and `ray.train` up with console handlers and propagate=False (and files for
+    ray.train); its storage module logs under ray.train. Those lines must reach our file, not the
+    console, and Ray's own file must keep them."""
+    ray_logger, train_logger = logging.getLogger("ray"), logging.getLogger("ray.train")
+    ray_logger.addHandler(logging.StreamHandler())
+    ray_logger.propagate = False
+    rays_file = logging.FileHandler(tmp_path / "ray-train-app-worker.log")
+    train_logger.addHandler(logging.StreamHandler())
+    train_logger.addHandler(rays_file)
+    train_logger.propagate = False
+    storage = logging.getLogger("ray.train.v2._internal.execution.storage")
+    storage.setLevel(logging.INFO)
+    storage.info("Checkpoint successfully created at: before")
+    assert "Checkpoint successfully created at: before" in capfd.readouterr().err  # control: Ray's console
+    configure_logging(0, str(tmp_path / "ours.log"))
+    storage.info("Checkpoint successfully created at: after")
+    storage.error("worker group failed")
+    console = capfd.readouterr().err
+    assert "after" not in console and "worker group failed" in console
+    assert "after" in (tmp_path / "ours.log").read_text()
+    rays_file.flush()
+    assert "after" in (tmp_path / "ray-train-app-worker.log").read_text()
 
 
 def test_is_chatter_keeps_errors_and_our_info():
