@@ -90,6 +90,11 @@ class VisibleMask:
         """Zero the masked positions of a [T*B, C, H, W] or token [T*B, C, N] tensor (finite values)."""
         return y * self.weights(y)
 
+    def apply_(self, y: torch.Tensor) -> torch.Tensor:
+        """``apply`` in place, for a fresh intermediate (a conv, pool or LIF output nothing else holds):
+        on CPU the allocation (page faults) of a new full-size tensor costs more than the multiply."""
+        return y.mul_(self.weights(y))
+
     def apply_seq(self, x: torch.Tensor) -> torch.Tensor:
         """Zero the masked positions of a [T, B, C, H, W] tensor."""
         return x * self.grid(*x.shape[-2:]).unsqueeze(0).to(x.dtype)
@@ -171,6 +176,11 @@ def _zero_masked(mask: VisibleMask | None, y: torch.Tensor) -> torch.Tensor:
     return y if mask is None else mask.apply(y)
 
 
+def _zero_masked_(mask: VisibleMask | None, y: torch.Tensor) -> torch.Tensor:
+    """``_zero_masked`` in place: only for a fresh op output."""
+    return y if mask is None else mask.apply_(y)
+
+
 def _norm(bn: nn.Module, y: torch.Tensor, mask: VisibleMask | None) -> torch.Tensor:
     """BatchNorm with visible-only statistics under a mask (masked sums, or the indexed oracle)."""
     if mask is None:
@@ -195,7 +205,7 @@ def _fire(lif: nn.Module, y: torch.Tensor, T: int, mask: VisibleMask | None) -> 
     LIF(0) is already 0 for a positive threshold; re-zeroing keeps the no-leak guarantee for any
     neuron setting.
     """
-    return _zero_masked(mask, _seq(lif, y, T))
+    return _zero_masked_(mask, _seq(lif, y, T))
 
 
 class _MaskedNormalize(torch.autograd.Function):
@@ -213,7 +223,7 @@ class _MaskedNormalize(torch.autograd.Function):
         weight = torch.ones_like(mean) if weight is None else weight.to(stats)
         bias_used = bias is not None
         bias = None if bias is None else bias.to(stats)
-        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps) * m.to(x.dtype)
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(m.to(x.dtype))
         ctx.save_for_backward(x, m, mean, torch.rsqrt(var + eps), weight, count)
         ctx.eps, ctx.bias_used = eps, bias_used
         return out
@@ -230,11 +240,12 @@ class _MaskedNormalize(torch.autograd.Function):
         alpha = invstd * weight
         k = alpha * invstd * dot / count  # per channel: a * invstd^2 * sum(g (x - mean)) / n
         offset = k * mean - alpha * sum_g / count
-        grad_x = g * alpha.view(shape).to(g.dtype)
-        grad_x += x * (-k).view(shape).to(x.dtype)
-        grad_x += offset.view(shape).to(grad_x.dtype)
-        grad_x *= m.to(grad_x.dtype)
-        return grad_x, None, None, None, dot, sum_g if ctx.bias_used else None, None, None
+        # dx = m (a g - k x + offset), in the statistics' dtype (float32 for bf16 inputs), in place on
+        # our own temporaries: on CPU a fresh full-size tensor costs more than the arithmetic
+        work = mean.dtype
+        grad_x = g.to(work).mul_(alpha.view(shape))
+        grad_x.addcmul_(x.to(work), (-k).view(shape)).add_(offset.view(shape)).mul_(m)
+        return grad_x.to(x.dtype), None, None, None, dot, sum_g if ctx.bias_used else None, None, None
 
 
 def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -257,7 +268,7 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, keep
     with torch.no_grad():
         count = m.sum(dims)  # [1]: the same number of visible positions for every channel
         mean = (x.detach() * m).sum(dims, dtype=dtype) / count
-        var = ((x.detach() - mean.view(shape)) * m).square().sum(dims) / count
+        var = (x.detach() - mean.view(shape)).mul_(m).square_().sum(dims) / count  # one temporary
         if bn.training and bn.track_running_stats:
             bn.num_batches_tracked.add_(1)
             # the parent's update: running = (1 - f) * running + f * batch statistic
@@ -349,7 +360,7 @@ class SpikingConvUnit(nn.Module):
         self.lif = MultiStepLIF(**(lif_kwargs or {}))
 
     def forward(self, y: torch.Tensor, T: int, mask: VisibleMask | None = None) -> torch.Tensor:
-        out = _zero_masked(mask, self.conv(y))
+        out = _zero_masked_(mask, self.conv(y))
         out = _fire(self.lif, _norm(self.bn, out, mask), T, mask)
         return y + out if self.residual else out
 
@@ -423,10 +434,10 @@ class SPS(nn.Module):
         y = _zero_masked(mask, x.flatten(0, 1))
         for k in range(self.num_stages):
             conv, bn, lif, pool = self._stage(k)
-            y = _zero_masked(mask, conv(y))
+            y = _zero_masked_(mask, conv(y))
             y = _fire(lif, _norm(bn, y, mask), T, mask)
             if pool is not None:
-                y = _zero_masked(mask, pool(y))
+                y = _zero_masked_(mask, pool(y))
             if k == last and visible is not None:
                 break  # the token grid: its layers run on visible tokens below
             for unit in self.extra_units(k):
@@ -438,7 +449,7 @@ class SPS(nn.Module):
             rpe = _seq(self.rpe_lif, _norm_tokens(self.rpe_bn, self.rpe_conv(tokens, visible)), T)
             return (rpe + tokens).reshape(T, -1, *tokens.shape[1:])
         feat = y
-        y = _zero_masked(mask, self.rpe_conv(y))
+        y = _zero_masked_(mask, self.rpe_conv(y))
         y = _fire(self.rpe_lif, _norm(self.rpe_bn, y, mask), T, mask) + feat
         return y.reshape(T, -1, *y.shape[1:])
 

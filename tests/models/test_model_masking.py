@@ -118,6 +118,7 @@ def test_noise_test_detects_a_missing_remask(monkeypatch):
     with torch.no_grad():
         clean = copy.deepcopy(model).forward_tokens(images, active)
         monkeypatch.setattr(VisibleMask, "apply", lambda self, y: y)
+        monkeypatch.setattr(VisibleMask, "apply_", lambda self, y: y)
         noisy_model = copy.deepcopy(model)
         corrupt_masked_positions(noisy_model, active, T=2)
         noisy = noisy_model.forward_tokens(images, active)
