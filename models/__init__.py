@@ -4,7 +4,6 @@ Importing this package registers the variants with timm, so ``timm.create_model(
 works after ``import models``.
 """
 
-from .v1_weights import CheckpointMismatchError, load_spikformer_v1_checkpoint
 from .energy import EnergyReport, FiringRateProbe, count_flops, firing_rates, measure_energy
 from .neuron import MultiStepLIF, lif_multistep
 from .spikformer import (
@@ -19,6 +18,7 @@ from .spikformer import (
     create,
     list_models,
 )
+from .v1_weights import CheckpointMismatchError, load_spikformer_v1_checkpoint
 
 __all__ = [
     "Block",
