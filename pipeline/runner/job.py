@@ -61,7 +61,7 @@ def _stop_on_sigterm() -> None:
 
 def ending(err: BaseException) -> tuple[str, str | None]:
     """The MLflow status an exception means, and the one-line error a FAILED run keeps."""
-    if isinstance(err, (KeyboardInterrupt, StopRequested)):
+    if isinstance(err, (KeyboardInterrupt, StopRequested, SystemExit)):  # stopped from outside, not an error
         return "KILLED", None
     text = str(err).strip()
     return "FAILED", f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
@@ -73,8 +73,8 @@ def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job
     stages = selected_stages(job, only)
     tracker = tracking.prepare(job.mlflow)  # fails fast on an unreachable server, creates the DB once
     check_job(job, stages, tracker)  # what the spec names exists, before shards, Ray or trainers
-    _stop_on_sigterm()
     backend.start(job)
+    _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler (sys.exit)
     datasets = resolve_datasets(job, build=True, shard_workers=backend.shard_workers)
     tags = {"pipeline.job_file": job_file or "", "pipeline.launcher": backend.name, **(tags or {})}
     if parent_run_id:
