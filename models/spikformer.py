@@ -12,8 +12,13 @@ build two LayerNorms they never call; we do not build them (the loader ignores t
 Masking hook for masked-image modelling (SparK style): ``forward_tokens(x, active)`` with ``active``
 a bool tensor [B, 1, h, w] on the token grid (True = visible). Masked pixels are zeroed, the mask is
 re-applied after every conv, BatchNorm and pooling, BatchNorms use visible positions only for their
-batch statistics, and the token stream is re-zeroed after every residual add. So no value at a
-visible position depends on anything at a masked position.
+batch statistics (masked sums: static shapes, no host sync; ``forward_indexed`` keeps the original
+boolean-indexing version as the reference), and the token stream is re-zeroed after every residual
+add. So no value at a visible position depends on anything at a masked position.
+
+MIM's fast path, ``forward_visible(x, active, index)``: the same masked stem up to the token grid,
+then the token-grid layers at the visible positions only and the blocks on the gathered visible
+tokens (``VisibleTokens``): the same values at those tokens, at the cost of the visible ones.
 """
 
 from __future__ import annotations
