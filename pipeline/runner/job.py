@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,14 +50,33 @@ class StopRequested(BaseException):
     """SIGTERM (`ray job stop`, a scheduler, torchrun tearing down): the job ends KILLED, like Ctrl-C."""
 
 
+_OPEN_RUNS: list[tuple[object, str]] = []  # (tracker, run id) of this driver's job and stage runs
+
+
 def _stop_on_sigterm() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, _frame):
+        # end the records first: `ray job stop` follows SIGTERM with SIGKILL after a few seconds, which
+        # may come before the exception has unwound through Ray Train
+        for tracker, run_id in list(_OPEN_RUNS):
+            try:
+                tracker.finish_run(run_id, "KILLED")
+            except Exception:  # noqa: BLE001 - the exception below ends them again on the way out
+                pass
         raise StopRequested(f"stopped by signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def _open(tracker, run_id: str):
+    _OPEN_RUNS.append((tracker, run_id))
+    try:
+        yield
+    finally:
+        _OPEN_RUNS.remove((tracker, run_id))
 
 
 def ending(err: BaseException) -> tuple[str, str | None]:
@@ -82,8 +102,9 @@ def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job
     job_run_id = open_job_run(tracker, job, stages, tags)
     outcome = JobOutcome(job_run_id, tracker.tracking_uri)
     try:
-        for name in stages:
-            outcome.stages[name] = run_stage(job, name, tracker, job_run_id, datasets, outcome.stages, backend)
+        with _open(tracker, job_run_id):
+            for name in stages:
+                outcome.stages[name] = run_stage(job, name, tracker, job_run_id, datasets, outcome.stages, backend)
     except BaseException as err:
         tracker.finish_run(job_run_id, *ending(err))
         raise
@@ -101,8 +122,9 @@ def run_stage(job: JobConfig, name: str, tracker, job_run_id: str, datasets: Dat
         return plan.cached
     run_id = open_stage_run(tracker, job_run_id, job, plan, datasets)
     try:
-        result = backend.launch(job, plan, StageLaunch(name, run_id, plan.inputs, plan.output_url, tracker))
-        record_result(tracker, run_id, name, result, job)
+        with _open(tracker, run_id):
+            result = backend.launch(job, plan, StageLaunch(name, run_id, plan.inputs, plan.output_url, tracker))
+            record_result(tracker, run_id, name, result, job)
     except BaseException as err:
         tracker.finish_run(run_id, *ending(err))
         raise
