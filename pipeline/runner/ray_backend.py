@@ -171,7 +171,7 @@ class RayBackend:
         raise AssertionError("unreachable")
 
     def _trainer(self, job: JobConfig, plan: StagePlan, launch: StageLaunch):
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
         scaling = job.scaling
@@ -199,6 +199,8 @@ class RayBackend:
                 # the driver decides about retries (see launch): Ray Train itself never restarts the group
                 failure_config=FailureConfig(max_failures=0),
                 checkpoint_config=CheckpointConfig(num_to_keep=keep),
+                # Ray Train's controller internals stay in its session log files (they get every level)
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
 
