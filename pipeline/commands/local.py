@@ -9,8 +9,6 @@ DeepSpeed engine trains exactly as under Ray (Accelerate's own DeepSpeed plugin 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 
 from pipeline.commands._job_args import add_job_arguments, load
 
@@ -25,10 +23,6 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.commands.run import summary
     from pipeline.runner.local_backend import run_local
 
-    rank = int(os.environ.get("RANK", "0"))
-    formatter = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(formatter)
     try:
         job, stages = load(args)
         if job.sweep is not None:

@@ -201,6 +201,8 @@ class RayBackend:
                 checkpoint_config=CheckpointConfig(num_to_keep=keep),
                 # Ray Train's controller internals stay in its session log files (they get every level)
                 logging_config=LoggingConfig(log_level="WARNING"),
+                # read by DeepSpeed at import (before our logging setup): no "Setting accelerator to CPU"
+                worker_runtime_env=None if scaling.use_gpu else {"env_vars": {"DS_ACCELERATOR": "cpu"}},
             ),
         )
 
