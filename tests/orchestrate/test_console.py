@@ -137,6 +137,9 @@ def fresh_logging():
     names = ["", *OWN_HANDLER_LOGGERS, "ray"]
     saved = {n: (list(logging.getLogger(n).handlers), list(logging.getLogger(n).filters),
                  logging.getLogger(n).propagate, logging.getLogger(n).level) for n in names}
+    # an earlier test's CLI call may have captured warnings already; then configure_logging would not
+    # take over from pytest's per-test warning recorder, and the test would see no warning at all
+    logging.captureWarnings(False)
     yield
     for name, (handlers, filters, propagate, level) in saved.items():
         logger = logging.getLogger(name)
