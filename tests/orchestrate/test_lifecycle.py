@@ -56,8 +56,13 @@ def spec(tmp: Path, manifests: dict[str, str], **finetune) -> Path:
     return path
 
 
+# set in this process by earlier in-process tests' one-process groups (whose store holds MASTER_PORT)
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def start(job: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
+    env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen([sys.executable, "-m", "pipeline", "local", str(job)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
