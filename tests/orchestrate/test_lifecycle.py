@@ -112,6 +112,7 @@ def check_continued(tmp: Path, before: dict[str, list], rerun_log: str) -> None:
     assert after["evaluate"][0].info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_driver_then_rerun_continues_the_same_runs(tmp_path, manifests):
     job = spec(tmp_path, manifests)
     proc = start(job)
@@ -123,6 +124,7 @@ def test_sigkill_of_the_driver_then_rerun_continues_the_same_runs(tmp_path, mani
     check_continued(tmp_path, before, finish(job))
 
 
+@pytest.mark.slow
 def test_sigterm_ends_the_runs_killed_and_a_rerun_continues_them(tmp_path, manifests):
     job = spec(tmp_path, manifests)
     proc = start(job)

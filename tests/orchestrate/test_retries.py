@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.manifest import load_manifest
@@ -17,6 +18,7 @@ from pipeline.data.writer import write_shards
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_fails_the_stage_at_once(tmp_path):
     urls = {split: write_shards("digits", str(tmp_path / "shards"), split=split, shard_max_count=500, workers=0,
                                 progress=False).manifest_url for split in ("train", "val")}

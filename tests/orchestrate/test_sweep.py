@@ -54,6 +54,7 @@ def run(spec: Path) -> subprocess.CompletedProcess:
                           env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_two_cell_sweep_then_rerun(tmp_path):
     spec = sweep_spec(tmp_path)
     done = run(spec)
