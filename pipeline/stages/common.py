@@ -99,14 +99,15 @@ def augment_options(augment: AugmentSettings) -> dict[str, Any]:
 
 
 def eval_loader(job: JobConfig, url: str, *, batch_size: int, rank: int, world_size: int,
-                augment: AugmentSettings | None = None, img_size: int | None = None):
+                augment: AugmentSettings | None = None, img_size: int | None = None, workers: int | None = None):
     """The eval stream of `url` for this rank: centre crop (`augment`'s crop_pct and interpolation), every
     sample dealt to exactly one rank, padding label -1; batches normalised on this process's device."""
     from pipeline.data.stream import build_loader
 
     options = None if augment is None else {"crop_pct": augment.crop_pct, "interpolation": augment.interpolation}
     return build_loader(url, "eval", batch_size=batch_size, img_size=img_size or job.model.img_size, rank=rank,
-                        world_size=world_size, num_workers=job.data.loader_workers, seed=job.seed, augment=options,
+                        world_size=world_size, num_workers=job.data.loader_workers if workers is None else workers,
+                        seed=job.seed, augment=options,
                         on_error=job.data.on_error, decode=job.data.decode)
 
 

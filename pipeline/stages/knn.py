@@ -294,8 +294,11 @@ def build_monitor(job, settings, inputs, encoder: torch.nn.Module, *, rank: int,
     from pipeline.stages.common import eval_loader, manifest_url
 
     batch = settings.knn_batch_size or settings.batch_size
+    # in-process (no DataLoader workers): a few hundred images, read while the training loader's iterator
+    # is open; forking another worker from the multi-threaded Ray worker process at that point was seen
+    # to deadlock the child (a lock held by another thread at fork time)
     loaders = [eval_loader(job, manifest_url(inputs, role, "pretrain (kNN monitor)"), batch_size=batch, rank=rank,
-                           world_size=world_size, augment=settings.augment) for role in ("train", "eval")]
+                           world_size=world_size, augment=settings.augment, workers=0) for role in ("train", "eval")]
     return KnnMonitor(encoder, *loaders, bank_size=settings.knn_bank_size, eval_size=settings.knn_eval_size,
                       batch_size=batch, num_classes=job.model.num_classes, device=device, dtype=dtype,
                       k=settings.knn_k, temperature=settings.knn_temperature)
