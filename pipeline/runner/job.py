@@ -9,8 +9,11 @@ A backend launches one stage on every rank and returns rank 0's StageResult:
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -53,21 +56,50 @@ class StopRequested(BaseException):
 _OPEN_RUNS: list[tuple[object, str]] = []  # (tracker, run id) of this driver's job and stage runs
 
 
+_WATCHING = False
+STOP_GRACE_S = 10.0  # after SIGTERM, how long the main thread may take to unwind before the process exits
+
+
+def _end_open_runs() -> None:
+    for tracker, run_id in list(_OPEN_RUNS):
+        try:
+            tracker.finish_run(run_id, "KILLED")
+        except Exception:  # noqa: BLE001 - best effort: the process is being stopped
+            pass
+
+
 def _stop_on_sigterm() -> None:
+    """SIGTERM ends this driver's open runs KILLED, then unwinds the main thread (StopRequested). A main
+    thread blocked inside a native call (Ray's `ray.get` in TorchTrainer.fit) never runs a Python signal
+    handler, so a watcher thread woken through the signal wakeup fd ends the runs and exits the process
+    if the main thread has not finished unwinding after STOP_GRACE_S."""
+    global _WATCHING
     if threading.current_thread() is not threading.main_thread():
         return
 
     def handler(signum, _frame):
-        # end the records first: `ray job stop` follows SIGTERM with SIGKILL after a few seconds, which
-        # may come before the exception has unwound through Ray Train
-        for tracker, run_id in list(_OPEN_RUNS):
-            try:
-                tracker.finish_run(run_id, "KILLED")
-            except Exception:  # noqa: BLE001 - the exception below ends them again on the way out
-                pass
+        # end the records first: `ray job stop` follows SIGTERM with SIGKILL after a few seconds
+        _end_open_runs()
         raise StopRequested(f"stopped by signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, handler)
+    if _WATCHING:
+        return
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while True:
+            data = reader.recv(64)
+            if data and signal.SIGTERM in data:
+                time.sleep(STOP_GRACE_S)
+                _end_open_runs()
+                logger.warning("stopped by SIGTERM")
+                os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="sigterm-watch", daemon=True).start()
+    _WATCHING = True
 
 
 @contextmanager
