@@ -399,8 +399,8 @@ def _read_composed(label: str, chain: tuple[str, ...]) -> dict[str, Any]:
         if _same_file(base_label, (*chain, label)):
             cycle = " -> ".join([*chain, label, base_label])
             raise PipelineError(f"{label}: base: composition cycle {cycle}")
-        merged = _deep_merge(merged, _read_composed(base_label, (*chain, label)))
-    return _deep_merge(merged, raw)
+        merged = deep_merge(merged, _read_composed(base_label, (*chain, label)))
+    return deep_merge(merged, raw)
 
 
 def _relative_to(label: str, path: str) -> str:
@@ -416,12 +416,13 @@ def _same_file(label: str, others: Iterable[str]) -> bool:
     return any(key == (o if "://" in o else os.path.realpath(o)) for o in others)
 
 
-def _deep_merge(base: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    """Mappings merge key by key; any other value (lists included) in `own` replaces the base's."""
+def deep_merge(base: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """Mappings merge key by key; any other value (lists included) in `own` replaces the base's.
+    (Job composition, and the engine's deepspeed.config_overrides.)"""
     merged = dict(base)
     for key, value in own.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged

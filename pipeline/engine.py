@@ -56,7 +56,7 @@ import torch.distributed as dist
 from timm.utils import distribute_bn
 
 from pipeline import checkpoint as ckpt
-from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings
+from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings, deep_merge
 from pipeline.errors import PipelineError
 from pipeline.export import write_export
 from pipeline.metrics import IntervalMeter, peak_memory_mb
@@ -107,16 +107,6 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def use_bf16(ds: DeepSpeedSettings) -> bool:
     return ds.precision == "bf16" or (ds.precision == "auto" and torch.cuda.is_available())
 
@@ -133,7 +123,7 @@ def deepspeed_config(ds: DeepSpeedSettings, loop: LoopSettings, world_size: int)
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    return _deep_merge(config, ds.config_overrides)
+    return deep_merge(config, ds.config_overrides)
 
 
 # --------------------------------------------------------------------------- batches
