@@ -57,6 +57,7 @@ _OPEN_RUNS: list[tuple[object, str]] = []  # (tracker, run id) of this driver's 
 
 
 _WATCHING = False
+_WAKEUP: list[socket.socket] = []
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the main thread may take to unwind before the process exits
 
 
@@ -87,12 +88,15 @@ def _stop_on_sigterm() -> None:
         return
     reader, writer = socket.socketpair()
     writer.setblocking(False)
+    _WAKEUP.extend((reader, writer))  # kept open for the life of the process (a closed pair reads EOF)
     signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
 
     def watch() -> None:
         while True:
-            data = reader.recv(64)
-            if data and signal.SIGTERM in data:
+            data = reader.recv(64)  # blocks until a signal with a Python handler arrives
+            if not data:
+                return
+            if signal.SIGTERM in data:
                 time.sleep(STOP_GRACE_S)
                 _end_open_runs()
                 logger.warning("stopped by SIGTERM")
