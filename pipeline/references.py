@@ -131,11 +131,11 @@ def _newest_job_run(tracker: Tracker, job_name: str, kind: str, where: str):
 def _export_of(tracker: Tracker, run, where: str, output_root: str) -> str:
     tags = run.data.tags
     url = tags.get(lineage.EXPORT_URL)
-    if url and _exists(url):
+    if url and export_exists(url):
         return url
     local_root = output_root if "://" not in output_root else tempfile.mkdtemp(prefix="imported-")
     target = join_url(local_root, "imported", run.info.run_id)
-    if _exists(join_url(target, EXPORT_ARTIFACT)):
+    if export_exists(join_url(target, EXPORT_ARTIFACT)):
         return join_url(target, EXPORT_ARTIFACT)
     import mlflow
 
@@ -153,7 +153,7 @@ def _export_of(tracker: Tracker, run, where: str, output_root: str) -> str:
     return join_url(target, EXPORT_ARTIFACT)
 
 
-def _exists(url: str) -> bool:
+def export_exists(url: str) -> bool:
     try:
         fs, path = fsspec.core.url_to_fs(url)
         return fs.exists(join_url(path, "config.json")) or (url.endswith(".safetensors") and fs.exists(path))

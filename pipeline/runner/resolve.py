@@ -8,6 +8,7 @@ fingerprint means the stage is done: it is skipped and its outputs are reused.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,10 +17,12 @@ from pipeline.config import JobConfig, resolved_dict
 from pipeline.data.fsutil import absolute_url, join_url
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import stage_fingerprint
-from pipeline.references import resolve_export
+from pipeline.references import export_exists, resolve_export
 from pipeline.runner.datasets import Datasets
 from pipeline.stages.context import StageInputs, StageResult
 from pipeline.stages.table import STAGES, StageSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,6 +113,11 @@ def resolve_stage(job: JobConfig, name: str, datasets: Datasets, done: dict[str,
     plan.trial_name = f"{job.name}-{name}-{plan.fingerprint[:12]}"
     if tracker is not None:
         cached = tracker.find_finished_stage(name, plan.fingerprint)
+        export = cached.data.tags.get(lineage.EXPORT_URL) if cached is not None else None
+        if export and not export_exists(export):  # its outputs were deleted since: run it again
+            logger.warning("stage %s: finished run %s has no export at %s any more; running it again",
+                           name, cached.info.run_id, export)
+            cached = None
         if cached is not None:
             tags = cached.data.tags
             result = StageResult(export_url=tags.get(lineage.EXPORT_URL) or None,
