@@ -48,7 +48,7 @@ IMAGE_VERSIONS = {"torch": "2.11.0", "torchvision": "0.26.0", "triton": "3.6.0",
 # What the GPU run imports beyond the image: the training engine, the job spec, the shard reader and
 # the MLflow client with a sqlite store (mlflow-skinny: full mlflow adds the server, Flask and friends).
 # Ray is not carried (its wheel alone is over the 64 MiB a call may carry): the chain runs under torchrun.
-ROOTS = ("deepspeed", "pydantic", "webdataset", "mlflow-skinny", "sqlalchemy", "alembic")
+ROOTS = ("deepspeed", "pydantic", "webdataset", "simplejpeg", "mlflow-skinny", "sqlalchemy", "alembic")
 
 # Built here from the sdist (`pip wheel --no-deps`): DeepSpeed publishes no wheel.
 BUILT = ("deepspeed",)
@@ -58,7 +58,7 @@ BUILT = ("deepspeed",)
 # databricks-sdk certifi >= 2026.10: carried so an older copy in the image cannot break the import.
 CARRIED = (
     "pydantic", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions",
-    "webdataset", "braceexpand", "hjson",
+    "webdataset", "braceexpand", "hjson", "simplejpeg",
     "mlflow-skinny", "cachetools", "databricks-sdk", "google-auth", "pyasn1", "pyasn1-modules", "cryptography",
     "cffi", "pycparser", "certifi", "fastapi", "starlette", "uvicorn", "gitpython", "gitdb", "smmap",
     "importlib-metadata", "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto",

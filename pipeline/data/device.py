@@ -4,7 +4,7 @@
     images = normalize(uint8_images, labels, boxes, batch_seed)   # float32 [B, 3, S, S] on `device`
 
 DataLoader workers hand over uint8 images (a quarter of float32's bytes between processes and to
-the GPU); here they are moved to the device, normalised with (x - 255 mean) / (255 std) and erased
+the GPU); here they are moved to the device, normalised with (x - 255 mean) * 1 / (255 std) and erased
 after normalisation in the boxes the workers drew with timm RandomErasing's parameters and random
 calls (decode.EraseBoxes). The fill follows timm's modes: "const" zeros, "rand" one normal colour per
 box, "pixel" normal noise per pixel; the noise comes from a generator seeded per batch, so a resumed
@@ -37,15 +37,19 @@ class DeviceNormalizer:
         pad_to_zero: bool = False,
     ):
         self.device = device
-        self.mean = torch.tensor([255 * m for m in mean], device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor([255 * s for s in std], device=device).view(1, -1, 1, 1)
+        self.shift = [255 * m for m in mean]
+        self.scale = [1 / (255 * s) for s in std]
         self.erase_mode = erase_mode
         self.pad_to_zero = pad_to_zero
 
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, batch_seed: int
     ) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        images = images.to(self.device, non_blocking=True).float()
+        for channel, (shift, scale) in enumerate(zip(self.shift, self.scale, strict=True)):
+            # Scalar operands per channel: one vectorised pass each (a broadcast [1, C, 1, 1] operand
+            # takes twice the CPU time); multiplying by 1 / std differs from dividing by < 1e-6.
+            images[:, channel].sub_(shift).mul_(scale)
         if boxes.numel():
             images = self.erase(images, boxes, batch_seed)
         if self.pad_to_zero:

@@ -1,6 +1,7 @@
 """Decoding less and normalising on the device keep timm's semantics: the same crop boxes as timm's
-RandomResizedCrop, the same pixels when no JPEG reduction applies, timm's RandomErasing boxes, and
-PrefetchLoader-style normalisation equal to timm's CPU transform."""
+RandomResizedCrop, pixels within a grey level of timm's when no JPEG reduction applies (simplejpeg
+decodes PIL's pixels exactly; torch's uint8 antialiased resize follows PIL's filter), timm's
+RandomErasing boxes, and PrefetchLoader-style normalisation equal to timm's CPU transform."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.decode import EraseBoxes, SampleDecoder, reduction_for
+from pipeline.data.decode import EraseBoxes, SampleDecoder, decode_pixels, reduction_for
 from pipeline.data.device import DeviceNormalizer
 from pipeline.data.transforms import build_transform
 
@@ -47,18 +48,92 @@ def test_reduction_is_the_largest_that_still_covers_the_output() -> None:
     assert reduction_for(5000, 4000, 224, 224) == 8
 
 
+def jpeg_variant(data: bytes, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.open(io.BytesIO(data))
+    mode = save.pop("mode", None)
+    (image.convert(mode) if mode else image).save(buffer, format="JPEG", **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [{}, {"subsampling": 0, "quality": 95}, {"progressive": True, "quality": 85}, {"mode": "L"}, {"mode": "CMYK"}],
+    ids=["420", "444", "progressive", "greyscale", "cmyk"],
+)
+def test_decoded_pixels_are_pils(variant: dict) -> None:
+    """simplejpeg (baseline RGB/greyscale) or the PIL fallback (CMYK): PIL's RGB pixels, bit for bit."""
+    data = jpeg_variant(jpeg(123, 77, 3), **variant)
+    got = decode_pixels(Image.open(io.BytesIO(data)), data)
+    want = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+    assert got.dtype == torch.uint8 and got.shape == (3, 77, 123) and torch.equal(got, want)
+
+
+def test_jpegs_simplejpeg_rejects_are_left_to_pil() -> None:
+    """Strict libjpeg warnings (bytes before EOI) decode through PIL as before; truncation still raises."""
+    data = jpeg(90, 60, 5)
+    import simplejpeg
+
+    padded = data[:-2] + b"\x00" * 8 + data[-2:]
+    with pytest.raises(ValueError):
+        simplejpeg.decode_jpeg(padded, strict=True)
+    got = decode_pixels(Image.open(io.BytesIO(padded)), padded)
+    assert torch.equal(got, torch.from_numpy(np.array(Image.open(io.BytesIO(padded)).convert("RGB"))).permute(2, 0, 1))
+    truncated = data[: len(data) // 2]
+    with pytest.raises(OSError, match="truncated"):
+        decode_pixels(Image.open(io.BytesIO(truncated)), truncated)
+
+
+def assert_close_to_pil(got: torch.Tensor, want: torch.Tensor, *, after_randaugment: bool = False) -> None:
+    """torch's uint8 antialiased resize vs PIL's: over 610 random crops of 61 JPEGs, 92% of pixels equal,
+    8% one grey level apart, 0.002% two or three (bicubic rounding), a mean difference <= 0.27.
+    After RandAugment a one-level difference can grow where posterize/solarize/equalize put a bin edge."""
+    diff = (got - want).abs()
+    rare = (diff > 1).float().mean()
+    if after_randaugment:
+        assert rare < 0.01 and diff.float().mean() < 0.3, (rare, diff.float().mean())
+    else:
+        assert diff.max() <= 3 and rare < 1e-3 and diff.float().mean() < 0.3, (diff.max(), rare, diff.float().mean())
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_torch_resize_follows_pils_within_one_level(interpolation: str) -> None:
+    """Crops scaled up and down by torch's uint8 antialiased kernel vs PIL's resize of the same crop."""
+    from torch.nn.functional import interpolate
+
+    image = Image.open(io.BytesIO(jpeg(400, 330, 7))).convert("RGB")
+    pixels = torch.from_numpy(np.array(image).copy()).permute(2, 0, 1)
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[interpolation]
+    for top, left, height, width, size in [(0, 0, 330, 400, 224), (10, 20, 60, 45, 224), (5, 7, 300, 211, 96),
+                                           (100, 50, 224, 224, 224), (33, 0, 97, 390, 64)]:
+        crop = pixels[None, :, top : top + height, left : left + width].contiguous(memory_format=torch.channels_last)
+        got = interpolate(crop, size=(size, size), mode=interpolation, antialias=True)[0].int()
+        want = torch.from_numpy(np.array(image.crop((left, top, left + width, top + height)).resize(
+            (size, size), resample))).permute(2, 0, 1).int()
+        assert_close_to_pil(got, want)
+    shifted = pixels[None, :, 40:330, 0:400].contiguous(memory_format=torch.channels_last)  # control: another crop
+    off = interpolate(shifted, size=(224, 224), mode=interpolation, antialias=True)[0].int()
+    want = torch.from_numpy(np.array(image.crop((0, 0, 400, 290)).resize((224, 224), resample))).permute(2, 0, 1)
+    assert (off - want.int()).abs().max() > 1
+
+
 @pytest.mark.parametrize("role", ["pretrain", "train"])
-def test_without_reduction_the_pixels_are_timms(role: str) -> None:
-    """Small JPEGs (no crop covers 2x the output): bit-identical to timm's prefetcher transform."""
+def test_without_reduction_the_pixels_are_timms_to_a_grey_level(role: str) -> None:
+    """Small JPEGs (no crop covers 2x the output): timm's prefetcher transform, to a grey level."""
     decoder = SampleDecoder(role, 48, {"re_prob": 0.0})
     timm_transform = build_transform(role, 48, {"re_prob": 0.0}, use_prefetcher=True)
+    assert decoder.rest_takes_tensors == (role == "pretrain")  # RandAugment needs a PIL image
     for seed in range(12):
         data = jpeg(60 + 7 * seed, 50 + 5 * seed, seed)
         image, _ = ours(decoder, data, seed)
         seeded(seed)
         want = timm_transform(Image.open(io.BytesIO(data)).convert("RGB"))
-        assert image.dtype == torch.uint8 and torch.equal(image, want)
+        assert image.dtype == torch.uint8 and image.shape == want.shape
+        assert_close_to_pil(image.int(), want.int(), after_randaugment=role == "train")
     assert set(decoder.reductions) == {1}
+    seeded(99)  # control: another seed's crop is far from this one
+    other = timm_transform(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert (image.int() - other.int()).abs().float().mean() > 5
 
 
 def test_large_jpegs_decode_reduced_with_timms_crop_boxes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,9 +199,23 @@ def test_uint8_plus_device_normalisation_equals_timms_cpu_transform() -> None:
         seeded(seed)
         wanted.append(cpu_transform(Image.open(io.BytesIO(data)).convert("RGB")))
     got = normalize(torch.stack(images), torch.zeros(16, dtype=torch.long), torch.stack(boxes), batch_seed=1)
+    want = torch.stack(wanted)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, torch.stack(wanted), atol=1e-5, rtol=1e-5)
+    level = 1 / (255 * min(IMAGENET_DEFAULT_STD))  # one grey level after normalisation (torch vs PIL resize)
+    assert ((got - want).abs() > level + 1e-5).float().mean() < 1e-3 and (got - want).abs().max() < 3.01 * level
+    assert torch.equal(got == 0, want == 0)  # the same erased boxes (const fill)
     assert any(bool(b[:, 2].any()) for b in boxes)  # some images were erased
+
+
+def test_device_normalisation_is_timms_normalize_of_the_same_uint8() -> None:
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from torchvision.transforms import Normalize
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    normalize = DeviceNormalizer(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, torch.device("cpu"))
+    got = normalize(images, torch.zeros(4), torch.zeros(4, 0, 4, dtype=torch.int32), batch_seed=0)
+    want = Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(images.float() / 255)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_pixel_erasing_noise_is_seeded_per_batch() -> None:
