@@ -1,14 +1,15 @@
 """Decode + augment throughput: WebDataset shards (pipeline.data.stream) vs torchvision ImageFolder.
 
     python benchmarks/data_throughput.py [--images 768] [--workers 1 2] [--batch 32] [--img 224]
-        [--role train] [--repeats 2] [--max-side 320] [--old-reader f225375] [--workdir DIR] [--no-record]
+        [--roles train pretrain] [--repeats 2] [--max-side 320] [--old-reader f225375] [--workdir DIR] [--no-record]
 
 Generates `--images` JPEGs of ImageNet-like size (longest side 300-500 px, about 224-px class after
 the crop) in 10 class folders, writes them as shards twice (original JPEG bytes, and with
 `max_side`: downscaled at shard time), then reads one epoch with each loader: the same timm
-transform (role "train": RandomResizedCrop + flip + RandAugment + random erasing), the same batch
-size and DataLoader worker count. The shard loader's images/CPU-s include its normalisation and
-random erasing in this process (the "device" is the CPU here; on a GPU that work leaves the CPU).
+transform per role (finetuning "train": RandomResizedCrop + flip + RandAugment + random erasing;
+MIM "pretrain": RandomResizedCrop + flip), the same batch size and DataLoader worker count. The
+shard loader's images/CPU-s include its normalisation and random erasing in this process (the
+"device" is the CPU here; on a GPU that work leaves the CPU).
 Reports images/s of wall time and images per CPU-second (this process plus its DataLoader workers;
 robust when other jobs share the cores), each the best of `--repeats`, and the ratios to
 ImageFolder on the original JPEGs. Also reports the per-sample cost of reading (tar + grouping) with
@@ -140,24 +141,24 @@ def imagefolder_loader(root: Path, role: str, img: int, batch: int, workers: int
     )
 
 
-def measure(args: argparse.Namespace, tree: Path, manifests: dict[str, str]) -> list[dict]:
+def measure(args: argparse.Namespace, role: str, tree: Path, manifests: dict[str, str]) -> list[dict]:
     rows = []
     for workers in args.workers:
         best: dict[str, float] = {}
         for _ in range(args.repeats):
             loaders = {
-                name: build_loader(url, args.role, batch_size=args.batch, img_size=args.img, num_workers=workers,
+                name: build_loader(url, role, batch_size=args.batch, img_size=args.img, num_workers=workers,
                                    seed=0, device="cpu")
                 for name, url in manifests.items()
             }
-            loaders["imagefolder"] = imagefolder_loader(tree, args.role, args.img, args.batch, workers)
+            loaders["imagefolder"] = imagefolder_loader(tree, role, args.img, args.batch, workers)
             for name, loader in loaders.items():  # side by side in one repeat: the ratios share the load
                 count, seconds, cpu = time_epoch(loader)
                 best[name] = max(best.get(name, 0.0), count / seconds)
                 best[name + "_cpu"] = max(best.get(name + "_cpu", 0.0), count / cpu)
         for name in loaders:
             rows.append({
-                "workers": workers, "loader": name, "wall": best[name], "cpu": best[name + "_cpu"],
+                "role": role, "workers": workers, "loader": name, "wall": best[name], "cpu": best[name + "_cpu"],
                 "ratio": best[name] / best["imagefolder"], "ratio_cpu": best[name + "_cpu"] / best["imagefolder_cpu"],
             })
     return rows
@@ -165,12 +166,13 @@ def measure(args: argparse.Namespace, tree: Path, manifests: dict[str, str]) -> 
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| DataLoader workers | loader | images/s | ratio to ImageFolder | images/CPU-s | ratio to ImageFolder (CPU) |",
-        "|---:|---|---:|---:|---:|---:|",
+        "| role | DataLoader workers | loader | images/s | ratio to ImageFolder | images/CPU-s "
+        "| ratio to ImageFolder (CPU) |",
+        "|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['workers']} | {r['loader']} | {r['wall']:.1f} | {r['ratio']:.2f} | {r['cpu']:.1f} "
-                     f"| {r['ratio_cpu']:.2f} |")
+        lines.append(f"| {r['role']} | {r['workers']} | {r['loader']} | {r['wall']:.1f} | {r['ratio']:.2f} "
+                     f"| {r['cpu']:.1f} | {r['ratio_cpu']:.2f} |")
     return "\n".join(lines)
 
 
@@ -180,10 +182,11 @@ def read_lines(costs: dict[str, float]) -> list[str]:
 
 def record(rows: list[dict], costs: dict[str, float], args: argparse.Namespace, encodings: dict[str, str]) -> None:
     record_section("Data throughput", "data_throughput.py", [
-        f"{args.images} generated JPEGs (300-500 px, quality 90) in 10 class folders; role {args.role!r} "
-        f"timm transform at {args.img} px, batch {args.batch}; one epoch per loader, best of {args.repeats}",
+        f"{args.images} generated JPEGs (300-500 px, quality 90) in 10 class folders; timm transform of role(s) "
+        f"{', '.join(args.roles)} at {args.img} px, batch {args.batch}; one epoch per loader, best of {args.repeats}",
         "shards: `pipeline.data.stream.build_loader(device='cpu')` (webdataset reader, sha256 check, header-first "
-        "crop with JPEG draft, uint8 hand-off, normalise + erase in the main process) over WebDataset tars on "
+        "crop, simplejpeg decode (PIL draft for crops >= 2x the output), torch uint8 antialiased resize, uint8 "
+        "hand-off, normalise + erase in the main process) over WebDataset tars on "
         "local disk; ImageFolder: torchvision `ImageFolder` + `DataLoader(shuffle=True)` on the original JPEGs",
         "manifest `writer.encoding` of the shard sets: " + ", ".join(f"{k}: {v}" for k, v in encodings.items()),
         *read_lines(costs),
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--img", type=int, default=224)
-    parser.add_argument("--role", default="train", choices=["pretrain", "train", "eval"])
+    parser.add_argument("--roles", nargs="+", default=["train", "pretrain"], choices=["pretrain", "train", "eval"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-side", type=int, default=320, help="second shard set downscaled at shard time (0: off)")
     parser.add_argument("--old-reader", default="f225375", help="commit whose hand-written tar parser is measured")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             manifests[name] = report.manifest_url
             encodings[name] = str(load_manifest(report.manifest_url).writer.get("encoding"))
         costs = read_cost(manifests["shards"], args.old_reader, args.repeats)
-        rows = measure(args, tree, manifests)
+        rows = [row for role in args.roles for row in measure(args, role, tree, manifests)]
     print("\n".join(read_lines(costs)))
     print(table(rows))
     if not args.no_record:
