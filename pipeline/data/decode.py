@@ -17,6 +17,7 @@ first step, timm's `RandomResizedCropAndInterpolation`, done here for train/pret
   torch's uint8 antialiased bilinear/bicubic kernel, which follows PIL's filter (within one grey
   level of timm's PIL resize) at about a third of its CPU time. Other images and interpolations
   take timm's PIL path unchanged.
+For eval, timm's Resize(shorter side) + CenterCrop run the same way on the decoded tensor.
 When the rest of the role's transform accepts tensors (flips only: pretraining), the crop stays a
 tensor; otherwise (RandAugment, ...) it becomes a PIL image for timm. Random-erasing boxes are drawn
 here, in timm's order of random calls (after the rest of the transform), and applied after
@@ -103,7 +104,9 @@ class SampleDecoder:
         pipeline = build_transform(role, img_size, augment, use_prefetcher=True)
         steps = list(pipeline.transforms)
         self.crop = steps[0] if isinstance(steps[0], RandomResizedCropAndInterpolation) else None
-        self.rest = transforms.Compose(steps[1:]) if self.crop is not None else pipeline
+        self.resize_center_crop = _resize_center_crop(steps) if self.crop is None else None
+        first = 1 if self.crop is not None else 2 if self.resize_center_crop is not None else 0
+        self.rest = transforms.Compose(steps[first:])
         tensor_steps = (transforms.RandomHorizontalFlip, transforms.RandomVerticalFlip, MaybePILToTensor)
         self.rest_takes_tensors = all(isinstance(step, tensor_steps) for step in self.rest.transforms)
         re_prob = float(options.get("re_prob") or 0.0)
@@ -126,6 +129,15 @@ class SampleDecoder:
 
     def decode_crop(self, image: Any, data: bytes | None = None) -> Any:
         """Decode (at a draft reduction when the crop allows it) and apply the role's random crop."""
+        if self.resize_center_crop is not None:  # eval: timm's Resize(shorter side) + CenterCrop on a tensor
+            from torchvision.transforms import functional as F
+
+            short_side, mode, crop_size = self.resize_center_crop
+            pixels = decode_pixels(image, data)
+            size = shorter_side_size(pixels.shape[1], pixels.shape[2], short_side)
+            if size != tuple(pixels.shape[1:]):
+                pixels = _resize(pixels[None], size, mode)
+            return F.center_crop(pixels, list(crop_size))
         if self.crop is None:
             return _rgb(image)
         from torchvision.transforms import functional as F
@@ -149,9 +161,7 @@ class SampleDecoder:
             box = (left / factor, top / factor, (left + width) / factor, (top + height) / factor)
             return image.resize((out_w, out_h), F.pil_modes_mapping[interpolation], box=box)
         pixels = decode_pixels(image, data)
-        # A channels-last copy of the crop keeps torch on its vectorised uint8 kernel (and its output HWC).
-        region = pixels[None, :, top : top + height, left : left + width].contiguous(memory_format=torch.channels_last)
-        resized = torch.nn.functional.interpolate(region, size=(out_h, out_w), mode=mode, antialias=True)[0]
+        resized = _resize(pixels[None, :, top : top + height, left : left + width], (out_h, out_w), mode)
         if self.rest_takes_tensors:
             return resized
         from PIL import Image
@@ -167,6 +177,39 @@ class SampleDecoder:
     def _note(self, factor: int) -> None:
         if len(self.reductions) < 100_000:
             self.reductions.append(factor)
+
+
+def shorter_side_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+    """(h, w) after torchvision's Resize(int): the shorter side to `short_side`, the other truncated."""
+    if width <= height:
+        return int(short_side * height / width), short_side
+    return short_side, int(short_side * width / height)
+
+
+def _resize(region: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """[1, 3, h, w] uint8 -> [3, *size] uint8 with torch's antialiased kernel (PIL's filter).
+
+    A channels-last copy of the region keeps torch on its vectorised uint8 path (and the output HWC).
+    """
+    region = region.contiguous(memory_format=torch.channels_last)
+    return torch.nn.functional.interpolate(region, size=size, mode=mode, antialias=True)[0]
+
+
+def _resize_center_crop(steps: list[Any]) -> tuple[int, str, tuple[int, int]] | None:
+    """(shorter side, torch mode, crop size) when the eval transform is exactly timm's
+    Resize(int) + CenterCrop + MaybePILToTensor with bilinear/bicubic; None: keep timm's PIL steps."""
+    from timm.data.transforms import MaybePILToTensor
+    from torchvision import transforms
+
+    if len(steps) != 3 or not isinstance(steps[0], transforms.Resize) or not isinstance(
+            steps[1], transforms.CenterCrop) or not isinstance(steps[2], MaybePILToTensor):
+        return None
+    resize = steps[0]
+    size = resize.size if isinstance(resize.size, int) else resize.size[0] if len(resize.size) == 1 else None
+    mode = TORCH_RESIZE.get(resize.interpolation.value)
+    if size is None or mode is None or resize.max_size is not None:
+        return None
+    return size, mode, tuple(steps[1].size)
 
 
 def decode_pixels(image: Any, data: bytes | None) -> torch.Tensor:

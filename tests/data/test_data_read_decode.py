@@ -243,3 +243,22 @@ def test_workers_hand_over_uint8(digits_shards: str) -> None:
     assert boxes.shape == (16, 1, 4)  # train role: random erasing (re_count 1) boxes from the workers
     normalised, _ = next(iter(loader))
     assert normalised.dtype == torch.float32 and normalised.shape == (16, 3, 32, 32)
+
+
+def test_eval_resize_and_centre_crop_are_timms_to_a_grey_level() -> None:
+    """Eval (timm's Resize(shorter side) + CenterCrop) on the decoded tensor: timm's PIL result's geometry."""
+    decoder = SampleDecoder("eval", 56, None)
+    assert decoder.resize_center_crop == (64, "bicubic", (56, 56))  # floor(56 / 0.875), timm's default
+    timm_transform = build_transform("eval", 56, None, use_prefetcher=True)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(90, 71, 2))).save(png, format="PNG")
+    for data in (jpeg(120, 80, 0), jpeg(64, 150, 1), jpeg(64, 64, 4), jpeg(40, 50, 3), png.getvalue()):
+        seeded(0)
+        got, _ = decoder.finish(decoder.decode_crop(decoder.open(data), data))
+        want = timm_transform(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert got.shape == want.shape == (3, 56, 56)
+        assert_close_to_pil(got.int(), want.int())
+    shifted = timm_transform(Image.open(io.BytesIO(data)).convert("RGB").transpose(Image.FLIP_LEFT_RIGHT))
+    assert (got.int() - shifted.int()).abs().float().mean() > 5  # control: a mirrored image is far
+    squash = SampleDecoder("eval", 56, {"crop_mode": "squash"})
+    assert squash.resize_center_crop is None  # a geometry we do not mirror keeps timm's PIL steps
