@@ -9,7 +9,8 @@ the crop) in 10 class folders, writes them as shards twice (original JPEG bytes,
 transform per role (finetuning "train": RandomResizedCrop + flip + RandAugment + random erasing;
 MIM "pretrain": RandomResizedCrop + flip), the same batch size and DataLoader worker count. The
 shard loader's images/CPU-s include its normalisation and random erasing in this process (the
-"device" is the CPU here; on a GPU that work leaves the CPU).
+"device" is the CPU here); the row "to the uint8 hand-off" stops where a GPU job's CPUs stop (its
+normalisation and erasing run on the GPU).
 Reports images/s of wall time and images per CPU-second (this process plus its DataLoader workers;
 robust when other jobs share the cores), each the best of `--repeats`, and the ratios to
 ImageFolder on the original JPEGs. Also reports the per-sample cost of reading (tar + grouping) with
@@ -127,6 +128,20 @@ def read_cost(manifest_url: str, commit: str, repeats: int) -> dict[str, float]:
     return costs
 
 
+HANDOFF = "shards, to the uint8 hand-off"
+
+
+class RawBatches:
+    """The shard loader up to what its workers hand over (uint8 batches in this process): the CPU a GPU
+    job pays, where normalisation and erasing run on the GPU."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return self.loader.raw_batches()
+
+
 def imagefolder_loader(root: Path, role: str, img: int, batch: int, workers: int):
     from torchvision.datasets import ImageFolder
 
@@ -151,6 +166,9 @@ def measure(args: argparse.Namespace, role: str, tree: Path, manifests: dict[str
                                    seed=0, device="cpu")
                 for name, url in manifests.items()
             }
+            handoff = build_loader(manifests["shards"], role, batch_size=args.batch, img_size=args.img,
+                                   num_workers=workers, seed=0, device="cpu")
+            loaders[HANDOFF] = RawBatches(handoff)
             loaders["imagefolder"] = imagefolder_loader(tree, role, args.img, args.batch, workers)
             for name, loader in loaders.items():  # side by side in one repeat: the ratios share the load
                 count, seconds, cpu = time_epoch(loader)
