@@ -14,13 +14,7 @@ from models.mim import MaskedImageModel
 from models.spikformer import SSA, SoftmaxSelfAttention, Spikformer
 from models.summary import count_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 VARIANTS = [

@@ -18,13 +18,7 @@ from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings
 from pipeline.engine import build_engine
 from pipeline.stages.pretrain import mim_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _engine(model: torch.nn.Module, compile_module: bool):

@@ -18,14 +18,7 @@ from models.mim import (
 )
 from models.spikformer import Spikformer, VisibleMask
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: oversubscribed intra-op threads make these tiny models 30x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_encoder(**kwargs) -> Spikformer:

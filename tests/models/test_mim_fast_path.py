@@ -18,13 +18,7 @@ from models.energy import count_flops
 from models.mim import MaskedImageModel
 from models.spikformer import Spikformer, VisibleConv2d, VisibleTokens
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pair(dtype=torch.float64, patch_size=None, **encoder_kwargs) -> tuple[MaskedImageModel, MaskedImageModel]:
