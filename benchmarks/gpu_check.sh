@@ -14,7 +14,8 @@
 # Steps, in order; each has its own timeout. [estimate on an H200 / limit], about 400 s expected in all
 # with the wheel install (~15 s); the limits add up to more than the cap, which trims the last ones:
 #   env            versions, GPU, every needed import, pip check of the carried set           [10 s / 20]
-#   lif_tests      tests/models/test_lif_triton.py, compiled Triton LIF kernels on CUDA       [30 s / 60]
+#   cuda_tests     tests/models/test_lif_triton.py (compiled Triton LIF kernels) and
+#                  tests/data/test_data_read_gpu.py (nvJPEG decode + GPU crop/flip loader) on CUDA [40 s / 75]
 #   lif_bench      LIF reference vs fused, T = 1 and 4, 64M elements, fp32 and bf16, GB/s
 #                  against the measured copy bandwidth (benchmarks/lif_speed.py)             [30 s / 60]
 #   step_eager     spikformer_v2_16_768 (172M), T = 1, 224 px, bf16, batch 64: pretraining and
@@ -101,17 +102,17 @@ absent() {  # absent NAME WHY: a step that does not apply here
 }
 
 if [ "$DRY" = 1 ]; then
-    LIF_K="odd_shapes or non_contiguous or compiled_kernels_on_cuda"  # interpreter tests; CUDA ones skip
+    CUDA_K="odd_shapes or non_contiguous or compiled_kernels_on_cuda or gpu"  # interpreter tests; CUDA ones skip
     LIF_SIZE=(--elements 64K --iters 2 --device cpu)
     STEP_ARGS=(spikformer_v2_tiny --img 32 --batch 4 --steps 2 --warmup 1 --precision fp32 --device cpu --threads 1)
     COMPILE=(--compile --compile-backend aot_eager)  # tracing without Inductor's C++ build: minutes on 2 CPUs
     NO_SKIPS=() ENV_ARGS=() CHAIN_ARGS=(--dry) L=(60 300 120 120 300 400 300)
 else
-    LIF_K="compiled_kernels_on_cuda"
+    CUDA_K="compiled_kernels_on_cuda or gpu"
     LIF_SIZE=(--elements 64M --iters 20 --device cuda)
     STEP_ARGS=(spikformer_v2_16_768 --T 1 --img 224 --batch "${BATCH_172M:-64}" --steps 10 --warmup 3 --precision bf16)
     COMPILE=(--compile)
-    NO_SKIPS=(--no-skips) ENV_ARGS=(--expect-cuda) CHAIN_ARGS=() L=(20 60 60 75 40 170 600)
+    NO_SKIPS=(--no-skips) ENV_ARGS=(--expect-cuda) CHAIN_ARGS=() L=(20 75 60 75 40 170 600)
 fi
 
 echo "=== gpu_check $(date -u +%FT%TZ) commit $COMMIT" \
@@ -121,9 +122,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv 
 step env "${L[0]}" --result "$WORK/env.result.json" -- \
     "$PYTHON" benchmarks/gpu_env.py --json "$WORK/env.result.json" "${ENV_ARGS[@]}"
 
-step lif_tests "${L[1]}" --junit "$WORK/lif_tests.xml" "${NO_SKIPS[@]}" -- \
-    "$PYTHON" -m pytest -q -p no:cacheprovider tests/models/test_lif_triton.py -k "$LIF_K" \
-    --junitxml "$WORK/lif_tests.xml"
+step cuda_tests "${L[1]}" --junit "$WORK/cuda_tests.xml" "${NO_SKIPS[@]}" -- \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/models/test_lif_triton.py tests/data/test_data_read_gpu.py \
+    -k "$CUDA_K" --junitxml "$WORK/cuda_tests.xml"
 
 step lif_bench "${L[2]}" --result "$WORK/lif_bench.result.json" -- \
     "$PYTHON" benchmarks/gpu_lif.py --json "$WORK/lif_bench.result.json" --T 1 4 --dtype float32 bfloat16 \

@@ -18,7 +18,7 @@ from benchmarks import gpu_report
 from .conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "lif_tests", "lif_bench", "step_eager", "host_sync", "chain", "step_compiled"]
+STEPS = ["env", "cuda_tests", "lif_bench", "step_eager", "host_sync", "chain", "step_compiled"]
 
 
 def dry_run(tmp_path: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
@@ -49,8 +49,9 @@ def test_dry_run_passes_every_step_with_sane_results(tmp_path):
     assert not any(state.startswith("FAILED") for state in env["imports"].values()), env["imports"]
     assert env["cuda_available"] is False  # the dry run hides any GPU
 
-    tests = records["lif_tests"]["tests"]
-    assert tests["passed"] >= 1 and tests["failures"] == tests["errors"] == 0
+    tests = records["cuda_tests"]["tests"]
+    # the interpreter LIF tests and the decode tests on the CPU device pass; the 7 CUDA-only ones skip
+    assert tests["passed"] >= 5 and tests["skipped"] >= 7 and tests["failures"] == tests["errors"] == 0
 
     lif = records["lif_bench"]["result"]
     assert {(r["dtype"], r["T"]) for r in lif["rows"]} == {(d, t) for d in ("float32", "bfloat16") for t in (1, 4)}
