@@ -102,13 +102,13 @@ absent() {  # absent NAME WHY: a step that does not apply here
 }
 
 if [ "$DRY" = 1 ]; then
-    CUDA_K="odd_shapes or non_contiguous or compiled_kernels_on_cuda or gpu"  # interpreter tests; CUDA ones skip
+    CUDA_K="odd_shapes or non_contiguous or compiled_kernels_on_cuda or test_data_read_gpu"  # CUDA ones skip
     LIF_SIZE=(--elements 64K --iters 2 --device cpu)
     STEP_ARGS=(spikformer_v2_tiny --img 32 --batch 4 --steps 2 --warmup 1 --precision fp32 --device cpu --threads 1)
     COMPILE=(--compile --compile-backend aot_eager)  # tracing without Inductor's C++ build: minutes on 2 CPUs
     NO_SKIPS=() ENV_ARGS=() CHAIN_ARGS=(--dry) L=(60 300 120 120 300 400 300)
 else
-    CUDA_K="compiled_kernels_on_cuda or gpu"
+    CUDA_K="compiled_kernels_on_cuda or test_data_read_gpu"  # that whole module
     LIF_SIZE=(--elements 64M --iters 20 --device cuda)
     STEP_ARGS=(spikformer_v2_16_768 --T 1 --img 224 --batch "${BATCH_172M:-64}" --steps 10 --warmup 3 --precision bf16)
     COMPILE=(--compile)
