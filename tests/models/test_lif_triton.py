@@ -21,6 +21,13 @@ def interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def _upstream_grad(spikes: torch.Tensor) -> torch.Tensor:
+    """A fixed random upstream gradient like ``spikes``: drawn on the CPU (the same numbers on every
+    device), then placed on the spikes' device and dtype (backward refuses a gradient elsewhere)."""
+    grad = torch.randn(spikes.shape, generator=torch.Generator().manual_seed(1))
+    return grad.to(device=spikes.device, dtype=spikes.dtype)
+
+
 def _both(x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spikes and input gradients of the reference and the fused path for one random upstream gradient."""
     args = (kwargs.get("tau", 2.0), kwargs.get("v_threshold", 1.0), kwargs.get("v_reset", 0.0),
@@ -28,7 +35,7 @@ def _both(x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.
     x_ref, x_fused = x.clone().requires_grad_(), x.clone().requires_grad_()
     s_ref = lif_multistep_reference(x_ref, *args)
     s_fused = lif_triton.lif_multistep_triton(x_fused, *args)
-    grad = torch.randn(s_ref.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype)
+    grad = _upstream_grad(s_ref)
     s_ref.backward(grad)
     s_fused.backward(grad)
     return s_ref, s_fused, x_ref.grad, x_fused.grad
@@ -80,6 +87,17 @@ def test_fused_stores_one_value_per_element():
     saved = out.grad_fn.saved_tensors
     assert len(saved) == 1
     assert saved[0].shape == x.shape and saved[0].dtype == x.dtype
+
+
+def test_upstream_gradient_follows_the_input_device_and_dtype():
+    # the CUDA cases once built it on the CPU ("invalid gradient ... expected device cuda:0 but got
+    # cpu"); the meta device stands in for a GPU here
+    for like in (torch.empty(2, 3, device="meta", dtype=torch.bfloat16), torch.zeros(2, 3)):
+        grad = _upstream_grad(like)
+        assert (grad.device, grad.dtype, grad.shape) == (like.device, like.dtype, like.shape)
+    # the same numbers whatever the device
+    wide = _upstream_grad(torch.zeros(4, 5, dtype=torch.float64))
+    assert torch.equal(wide.float(), _upstream_grad(torch.zeros(4, 5)))
 
 
 def test_auto_backend_uses_reference_on_cpu_and_triton_needs_cuda(monkeypatch):
