@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.gpu_packages import BUILT, CARRIED  # noqa: E402
 
 NEEDED = ("torch", "triton", "timm", "deepspeed", "pydantic", "webdataset", "mlflow", "sqlalchemy", "alembic",
-          "models", "pipeline.config", "pipeline.engine", "pipeline.tracking")
+          "models", "pipeline.config", "pipeline.train.engine", "pipeline.tracking")
 
 
 def try_import(name: str) -> str:

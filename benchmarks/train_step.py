@@ -1,4 +1,4 @@
-"""One full DeepSpeed training step (pipeline.engine) of a Spikformer variant: images/s, step time, memory, MFU.
+"""One full DeepSpeed training step (pipeline.train.engine) of a Spikformer variant: images/s, step time, memory, MFU.
 
     python benchmarks/train_step.py VARIANT [--mode pretrain finetune] [--mim-path visible dense] [--T 4]
         [--img 224] [--batch 8] [--steps 5] [--warmup 2] [--zero 2] [--precision auto] [--compile]
@@ -38,10 +38,10 @@ from benchmarks._report import record_section  # noqa: E402
 from models.energy import count_flops  # noqa: E402
 from models.mim import MaskedImageModel  # noqa: E402
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings  # noqa: E402
-from pipeline.engine import build_engine  # noqa: E402
-from pipeline.metrics import peak_memory_mb  # noqa: E402
 from pipeline.stages.finetune import classifier_loss  # noqa: E402
 from pipeline.stages.pretrain import mim_loss  # noqa: E402
+from pipeline.train.engine import build_engine  # noqa: E402
+from pipeline.train.metrics import peak_memory_mb  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from pipeline.errors import PipelineError
-from pipeline.export import EXPORT_FORMAT
+from pipeline.train.export import EXPORT_FORMAT
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion

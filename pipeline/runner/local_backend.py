@@ -15,13 +15,12 @@ import os
 from pipeline.config import JobConfig
 from pipeline.console import configure_logging, log_file_for
 from pipeline.data.fsutil import absolute_url, join_url
-from pipeline.engine import init_distributed
 from pipeline.runner.context import StageLaunch, build_context
 from pipeline.runner.job import JobOutcome, run_job
 from pipeline.runner.resolve import StagePlan
-from pipeline.stages.common import barrier, broadcast_from_rank0
 from pipeline.stages.context import StageResult
 from pipeline.stages.table import STAGES
+from pipeline.train.distributed import barrier, broadcast_from_rank0, init_distributed
 
 logger = logging.getLogger(__name__)
 

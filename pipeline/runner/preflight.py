@@ -125,9 +125,9 @@ def check_manifests(job: JobConfig, stages: Sequence[str]) -> None:
 
 def check_upstream_export(job: JobConfig, stage: str, tracker) -> None:
     """The export a stage's spec key names (not the one this job's upstream stage will write)."""
-    from pipeline.export import read_export_config
     from pipeline.references import is_reference, resolve_export
     from pipeline.stages.table import STAGES
+    from pipeline.train.export import read_export_config
 
     spec = STAGES[stage]
     if not spec.needs_upstream(job):

@@ -131,7 +131,7 @@ def _upstream(job: JobConfig, spec: StageSpec, done: dict[str, StageOutcome], tr
               pending_ok: bool) -> Upstream | None:
     """The export the stage consumes: named in the spec, or this job's upstream stage's; None when that
     stage has not run yet in a plan. PipelineError when nothing can provide it."""
-    from pipeline.export import export_digest
+    from pipeline.train.export import export_digest
 
     reference = spec.upstream_reference(job)
     if reference:

@@ -27,9 +27,11 @@ import models  # noqa: F401  (registers the Spikformer variants with timm)
 from models.energy import measure_energy
 from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
-from pipeline.export import read_export
-from pipeline.stages.common import manifest_url, publish, setup_distributed
+from pipeline.stages.common import manifest_url
 from pipeline.stages.context import StageContext, StageInputs, StageResult
+from pipeline.train.artifacts import publish
+from pipeline.train.distributed import setup_distributed
+from pipeline.train.export import read_export
 
 logger = logging.getLogger(__name__)
 

@@ -35,20 +35,12 @@ from pipeline.config import FinetuneSettings, JobConfig
 from pipeline.data.fsutil import join_url
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import PipelineError
-from pipeline.export import read_export
-from pipeline.stages.common import (
-    StageTrainer,
-    TrainingHooks,
-    augment_options,
-    barrier,
-    broadcast_from_rank0,
-    manifest_url,
-    model_kwargs,
-    seed_everything,
-    setup_distributed,
-)
+from pipeline.stages.common import augment_options, manifest_url, model_kwargs
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 from pipeline.stages.label_subset import write_label_subset
+from pipeline.train.distributed import barrier, broadcast_from_rank0, seed_everything, setup_distributed
+from pipeline.train.export import read_export
+from pipeline.train.trainer import StageTrainer, TrainingHooks
 
 logger = logging.getLogger(__name__)
 

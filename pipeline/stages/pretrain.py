@@ -27,17 +27,11 @@ import models  # noqa: F401  (registers the Spikformer variants with timm)
 from models.mim import MaskedImageModel, reconstruction_grid
 from pipeline.config import JobConfig, PretrainSettings
 from pipeline.errors import PipelineError
-from pipeline.stages.common import (
-    StageTrainer,
-    TrainingHooks,
-    augment_options,
-    manifest_url,
-    model_kwargs,
-    normalization,
-    seed_everything,
-)
+from pipeline.stages.common import augment_options, manifest_url, model_kwargs, normalization
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 from pipeline.stages.knn import build_monitor
+from pipeline.train.distributed import seed_everything
+from pipeline.train.trainer import StageTrainer, TrainingHooks
 
 logger = logging.getLogger(__name__)
 

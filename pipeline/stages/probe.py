@@ -34,18 +34,12 @@ import models  # noqa: F401  (registers the Spikformer variants with timm)
 from pipeline.config import JobConfig, ProbeSettings
 from pipeline.data.manifest import load_manifest
 from pipeline.errors import PipelineError
-from pipeline.export import read_export
-from pipeline.stages.common import (
-    StageTrainer,
-    augment_options,
-    eval_loader,
-    manifest_url,
-    model_kwargs,
-    seed_everything,
-    setup_distributed,
-)
+from pipeline.stages.common import augment_options, eval_loader, manifest_url, model_kwargs
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 from pipeline.stages.evaluate import check_count, evaluate_stream
+from pipeline.train.distributed import seed_everything, setup_distributed
+from pipeline.train.export import read_export
+from pipeline.train.trainer import StageTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy import VARIANT, VARIANT_KWARGS, create_spikformer, epoch_batches  # noqa: E402
 
-from pipeline import checkpoint as ckpt  # noqa: E402
 from pipeline.config import CheckpointSettings, DeepSpeedSettings, LoopSettings, OptimizerSettings  # noqa: E402
-from pipeline.engine import build_engine, init_distributed  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.export import read_export  # noqa: E402
+from pipeline.train import checkpoint as ckpt  # noqa: E402
+from pipeline.train.distributed import init_distributed  # noqa: E402
+from pipeline.train.engine import build_engine  # noqa: E402
+from pipeline.train.export import read_export  # noqa: E402
 
 DATASET = 64
 MICRO, ACCUM = 4, 2

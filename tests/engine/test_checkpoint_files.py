@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
 from pipeline.errors import PipelineError
+from pipeline.train import checkpoint as ckpt
 
 
 def _make_tags(root, *steps):

@@ -14,7 +14,7 @@ import torch
 from toy import VARIANT, VARIANT_KWARGS, create_spikformer
 
 from models import MultiStepLIF
-from pipeline.export import export_digest, read_export
+from pipeline.train.export import export_digest, read_export
 
 STEPS, RESUME_AT, NEXT, NAN_STEP = 24, 15, 25, 26  # as in _dist_train.py
 

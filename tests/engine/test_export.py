@@ -11,7 +11,7 @@ import torch
 from toy import ToyNet
 
 from pipeline.errors import PipelineError
-from pipeline.export import export_digest, read_export, write_export
+from pipeline.train.export import export_digest, read_export, write_export
 
 
 def _model_state() -> dict[str, torch.Tensor]:

@@ -7,8 +7,8 @@ import torch
 from toy import ToyNet
 
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings
-from pipeline.engine import deepspeed_config
-from pipeline.optim import (
+from pipeline.train.engine import deepspeed_config
+from pipeline.train.optim import (
     ScheduleLength,
     build_optimizer,
     build_scheduler,

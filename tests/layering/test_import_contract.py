@@ -1,8 +1,9 @@
 """The layering, checked on the source (an import-linter style contract, with no extra tool):
 
 - `models` imports nothing of `pipeline`;
-- nothing in `pipeline/stages/` imports a runner, the CLI, Ray or MLflow, directly or through the
-  project modules it imports (stages run the same under any backend and in tests);
+- nothing in `pipeline/stages/` or `pipeline/train/` imports a runner, the CLI, Ray or MLflow, directly
+  or through the project modules it imports (stages and their training loop run the same under any
+  backend and in tests);
 - only `pipeline/__main__.py` imports `pipeline.commands` (commands may import each other).
 Imports inside functions count: a lazy import is still a dependency.
 """
@@ -61,7 +62,7 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             found.append(f"{module} imports {sorted(_hits(names, ('pipeline',)))}")
         if _hits(names, ("pipeline.commands",)) and not module.startswith(("pipeline.commands", "pipeline.__main__")):
             found.append(f"{module} imports the CLI {sorted(_hits(names, ('pipeline.commands',)))}")
-        if module.startswith("pipeline.stages"):
+        if module.startswith(("pipeline.stages", "pipeline.train")):
             for via, bad in _reachable_forbidden(graph, module):
                 found.append(f"{module} reaches {bad}" + (f" through {via}" if via != module else ""))
     return found

@@ -1,6 +1,6 @@
 """`deepspeed.compile: true`: the DeepSpeed engine trains the torch.compile'd MIM model like the eager one.
 
-A real engine (pipeline.engine.build_engine, one-process gloo group, ZeRO-1) on CPU, the tiny model
+A real engine (pipeline.train.engine.build_engine, one-process gloo group, ZeRO-1) on CPU, the tiny model
 cut to one block: two optimizer steps with per-step metrics and the firing-rate probe, compared
 with an eager engine from the same weights.
 """
@@ -15,8 +15,8 @@ import torch
 import models
 from models.mim import MaskedImageModel
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings
-from pipeline.engine import build_engine
 from pipeline.stages.pretrain import mim_loss
+from pipeline.train.engine import build_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

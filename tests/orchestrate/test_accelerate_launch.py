@@ -16,7 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.data.manifest import load_manifest
-from pipeline.export import read_export
+from pipeline.train.export import read_export
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

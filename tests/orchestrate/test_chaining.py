@@ -18,8 +18,8 @@ from pipeline import lineage
 from pipeline.config import MlflowSettings
 from pipeline.data.manifest import load_manifest
 from pipeline.data.writer import write_shards
-from pipeline.export import write_export
 from pipeline.tracking import prepare
+from pipeline.train.export import write_export
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "chaining-test"

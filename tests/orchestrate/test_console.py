@@ -121,7 +121,7 @@ def test_other_ranks_log_to_their_file_only(local_run):
     console, files, _ = local_run
     # rank 1 ran the same steps (its file says so) but none of its INFO lines reached the console
     rank1 = [line for line in files[1].splitlines() if PROGRESS.search(line)]
-    assert len(rank1) == 4 and all(" rank1 INFO pipeline.stages.common: " in line for line in rank1), files[1]
+    assert len(rank1) == 4 and all(" rank1 INFO pipeline.train.trainer: " in line for line in rank1), files[1]
     assert "Found credentials" in files[1]  # rank 1's own s3 client
     assert not re.search(r"\brank1 INFO\b", console), console
 
@@ -158,7 +158,7 @@ def fresh_logging():
 def test_configure_logging_rules(rank, tmp_path, capfd, fresh_logging):
     log_file = tmp_path / "logs" / f"job-rank{rank}.log"
     configure_logging(rank, str(log_file))
-    logging.getLogger("pipeline.stages.common").info("pretrain step 1/2 (50%) loss 1.0000")
+    logging.getLogger("pipeline.train.trainer").info("pretrain step 1/2 (50%) loss 1.0000")
     logging.getLogger("aiobotocore.credentials").info("Found credentials in environment variables.")
     logging.getLogger("botocore.endpoint").warning("retrying the S3 request")  # a library warning: shown
     logging.getLogger("pipeline.data.stream").warning("skipped a bad image")

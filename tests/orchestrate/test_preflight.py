@@ -139,7 +139,7 @@ def test_a_manifest_that_does_not_parse_is_named_by_its_key(tmp_path):
 
 
 def test_an_init_url_that_is_not_an_export_is_refused(tmp_path):
-    from pipeline.export import write_export
+    from pipeline.train.export import write_export
 
     with pytest.raises(PipelineError, match=r"^stages.finetune.init: .*/nothing: .*not found"):
         check_job(quickstart(f"stages.finetune.init={tmp_path}/nothing"), ALL)

@@ -19,8 +19,8 @@ import models  # noqa: F401
 from pipeline.config import load_job
 from pipeline.data.writer import write_shards
 from pipeline.errors import PipelineError
-from pipeline.export import write_export
 from pipeline.runner.sweep import comparison, expand, markdown
+from pipeline.train.export import write_export
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,10 +15,10 @@ import sys
 import torch
 
 from pipeline.__main__ import main
-from pipeline.stages import common
+from pipeline.train import trainer
 
 torch.set_num_threads(1)
-_original_after_step = common.StageTrainer._after_step
+_original_after_step = trainer.StageTrainer._after_step
 
 
 def _digest(batch) -> str:
@@ -35,7 +35,7 @@ def _traced_after_step(self, out, batch):
     return _original_after_step(self, out, batch)
 
 
-common.StageTrainer._after_step = _traced_after_step
+trainer.StageTrainer._after_step = _traced_after_step
 
 if __name__ == "__main__":
     sys.exit(main(["local", *sys.argv[1:]]))

@@ -12,7 +12,7 @@ from PIL import Image
 from stage_helpers import VAL_SAMPLES, Records, launch, make_job
 
 import models  # noqa: F401
-from pipeline.export import read_export
+from pipeline.train.export import read_export
 
 PRETRAIN_STEPS, FINETUNE_STEPS = 12, 100
 # Chance is 10%; 360 validation images put chance-level runs below ~16% with overwhelming odds. The

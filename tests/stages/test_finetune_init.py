@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 import models  # noqa: F401
 from pipeline.config import FinetuneSettings
 from pipeline.errors import PipelineError
-from pipeline.export import write_export
 from pipeline.stages.finetune import init_source, load_initial_weights
+from pipeline.train.export import write_export
 
 
 def _classifier(**kwargs):

@@ -17,10 +17,10 @@ from stage_helpers import VAL_SAMPLES, Records, launch, make_job
 
 import models  # noqa: F401
 from pipeline.data.stream import build_loader
-from pipeline.export import read_export
 from pipeline.stages.evaluate import load_classifier
 from pipeline.stages.knn import knn_accuracy, rank_quota
 from pipeline.stages.probe import LinearProbe, fold_probe_state
+from pipeline.train.export import read_export
 
 PRETRAIN_STEPS, KNN_EVERY, PROBE_STEPS = 8, 4, 10
 BANK, EVAL, KNN_BATCH, WORLD = 200, 100, 50, 2

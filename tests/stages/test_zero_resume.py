@@ -21,8 +21,8 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from stage_helpers import VAL_SAMPLES, Records, launch, make_job, read_jsonl, result, trace
 
 import models  # noqa: F401
-from pipeline.checkpoint import read_latest
-from pipeline.export import export_digest, read_export
+from pipeline.train.checkpoint import read_latest
+from pipeline.train.export import export_digest, read_export
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ def sqlite_tracker(sqlite_store: str, request: pytest.FixtureRequest) -> Tracker
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An export as pipeline/export.py writes it: model.safetensors + config.json (tiny timm net)."""
+    """An export as pipeline/train/export.py writes it: model.safetensors + config.json (tiny timm net)."""
     import timm
     import torch
     from safetensors.torch import save_file

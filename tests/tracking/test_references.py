@@ -8,8 +8,8 @@ import pytest
 
 from pipeline import lineage
 from pipeline.errors import PipelineError
-from pipeline.export import export_digest
 from pipeline.references import resolve_export
+from pipeline.train.export import export_digest
 
 KEY = "stages.evaluate.export"
 

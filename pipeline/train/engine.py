@@ -10,19 +10,12 @@
 
 Decisions
 - Distributed: an existing torch.distributed group (torchrun, Ray Train) is reused; otherwise one is
-  made with `deepspeed.init_distributed` (a single-process group when no launcher env is set).
+  made with `deepspeed.init_distributed` (a single-process group when no launcher env is set;
+  pipeline.train.distributed).
   Backend: nccl on CUDA, gloo on CPU. Precision "auto" means bf16 on CUDA and fp32 on CPU (bf16 on
   CPUs without AMX/AVX512-BF16 is emulated and slow). In bf16 mode floating inputs are cast to bf16
   before the loss function sees them (DeepSpeed keeps the module's weights in bf16).
-- DeepSpeed's CPU shared-memory comm op (`deepspeed_shm_comm`) is switched OFF on CPU: DeepSpeed
-  would JIT-compile it with g++ on the first init of every fresh machine (measured here on 2 busy
-  cores: build_engine took 109 s with the op, 3.3 s without), and fail where no compiler exists.
-  gloo then carries all collectives; at CPU scale (few ranks, small models) that is cheap next to
-  compute (not benchmarked against the shm op). The switch is the op-compatibility table that
-  `deepspeed/comm/torch.py:build_shm_op` consults (`deepspeed.ops.__compatible_ops__`, probed
-  lazily in 0.19); a test runs with CXX=/nonexistent and an empty TORCH_EXTENSIONS_DIR and checks
-  nothing is built. PIPELINE_DS_SHM_COMM=1 keeps the op (e.g. after a DS_BUILD_SHM_COMM=1 install).
-- Optimizer: torch AdamW as a client optimizer over timm param groups (pipeline.optim); DeepSpeed's
+- Optimizer: torch AdamW as a client optimizer over timm param groups (pipeline.train.optim); DeepSpeed's
   fused/CPU Adam would compile C++ first. The timm cosine schedule is stepped by the engine once
   per optimizer step (never per micro-step) and its state travels in the checkpoint's client_state.
 - One `train_step` call = one optimizer step over `grad_accum_steps` micro-batches. Each step
@@ -44,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,12 +47,13 @@ import torch
 import torch.distributed as dist
 from timm.utils import distribute_bn
 
-from pipeline import checkpoint as ckpt
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings, deep_merge
 from pipeline.errors import PipelineError
-from pipeline.export import write_export
-from pipeline.metrics import IntervalMeter, peak_memory_mb
-from pipeline.optim import build_optimizer, build_scheduler, resolve_lr, schedule_length
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.distributed import init_distributed
+from pipeline.train.export import write_export
+from pipeline.train.metrics import IntervalMeter, peak_memory_mb
+from pipeline.train.optim import build_optimizer, build_scheduler, resolve_lr, schedule_length
 
 logger = logging.getLogger(__name__)
 
@@ -70,41 +63,6 @@ LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, Mapping[str, f
 FiringRateFn = Callable[[torch.nn.Module, Any], Mapping[str, float]]
 
 _RESERVED_STATE = {"step", "epoch", "batch_in_epoch", "rng", "scheduler", "world_size", "global_batch"}
-
-
-# --------------------------------------------------------------------------- distributed setup
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _disable_cpu_shm_comm() -> None:
-    """Keep DeepSpeed from JIT-compiling its CPU shared-memory comm op (see module docstring)."""
-    if os.environ.get("PIPELINE_DS_SHM_COMM") == "1":
-        return
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """Join (or create) the process group DeepSpeed will use; returns (rank, world_size, local_rank)."""
-    use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        _disable_cpu_shm_comm()
-    if not dist.is_initialized() and "RANK" not in os.environ:
-        # No launcher: a one-process group, so the same code runs in a notebook or a quick test.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
-    return dist.get_rank(), dist.get_world_size(), local_rank
 
 
 def use_bf16(ds: DeepSpeedSettings) -> bool:
@@ -455,7 +413,7 @@ class TrainEngine:
 
     def export(self, url: str, config: Mapping[str, Any], *, state: dict[str, torch.Tensor] | None = None,
                prefix: str | None = None) -> str:
-        """Write the consolidated fp32 export (pipeline.export format; `config` needs variant and kwargs)
+        """Write the consolidated fp32 export (pipeline.train.export format; `config` needs variant and kwargs)
         from rank 0, of `state` or else of the engine's own weights; returns its sha256 on every rank.
         Collective."""
         state_dict = self.state_dict_fp32(prefix) if state is None else state
