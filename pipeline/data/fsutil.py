@@ -1,9 +1,18 @@
-"""fsspec helpers for the shard writer: resolve URLs, check a destination, write atomically.
+"""fsspec helpers: resolve URLs, check a destination, write atomically, read through an outage.
 
 Atomic writes never leave a partial object under its final name:
 - local and memory filesystems: write `<name>.tmp-<uuid>` beside the target, then rename it;
 - object stores (s3, gs, ...): build the object in a local temporary file, then upload it with one
   `put_file`; S3/GCS make an object visible only once its (multipart/resumable) upload completes.
+
+Reading through an outage (`read_options`, `outage_cause`): an S3 read is retried by botocore's own
+retry handler ("standard" mode: exponential backoff with jitter, up to `S3_READ_ATTEMPTS` attempts,
+about a minute in all) on connection errors, timeouts, 5xx and throttling, and s3fs adds its own
+retries for dropped connections and SlowDown. Only what is still failing after those is ours to name:
+`outage_cause` tells an unreachable store from bad bytes, so the reader raises `StorageUnavailable`
+(a retry of the stage may fix it) rather than calling the shard corrupt. The settings are botocore's
+and fsspec's own: AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, and `config_kwargs` in fsspec's s3 config
+(`~/.config/fsspec/s3.json` or FSSPEC_S3_*), which win over the defaults here.
 """
 
 from __future__ import annotations
@@ -22,6 +31,24 @@ from pipeline.errors import PipelineError
 logger = logging.getLogger(__name__)
 
 RENAME_PROTOCOLS = {"file", "local", "memory"}
+S3_PROTOCOLS = ("s3://", "s3a://")
+S3_READ_ATTEMPTS = 8  # botocore total attempts; standard mode's backoff sums to about 45 s on average
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 30
+
+# Exception classes (by name, anywhere in an error's class hierarchy) that mean "the store did not
+# answer", as opposed to an answer we did not like: botocore's connection and timeout errors,
+# aiohttp's connection/payload errors (s3fs's transport), fsspec's timeout.
+_OUTAGE_CLASSES = {
+    "HTTPClientError",  # botocore: ConnectionClosedError, ReadTimeoutError, ProxyConnectionError, ...
+    "EndpointConnectionError", "ConnectTimeoutError", "ResponseStreamingError",
+    "ClientConnectionError", "ClientPayloadError", "ServerTimeoutError",  # aiohttp
+    "FSTimeoutError",  # fsspec
+    "ConnectionError", "TimeoutError",  # builtins (refused, reset, socket timeouts) and botocore's own ConnectionError
+}
+# S3 error codes that are the service's trouble, not the request's (5xx and throttling)
+_OUTAGE_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                 "ThrottlingException", "RequestLimitExceeded", "503", "500", "502", "504"}
 
 
 def url_to_fs(url: str) -> tuple[Any, str]:
@@ -56,6 +83,52 @@ def absolute_url(url: str) -> str:
     """Local paths become absolute (Ray workers run in other directories); URLs stay as they are."""
     url = url.removeprefix("file://")
     return url if is_remote(url) else os.path.abspath(url)
+
+
+def read_options(url: str) -> dict[str, Any]:
+    """fsspec storage options for reading `url`: for s3, botocore's retry and timeout settings (the
+    module doc says why); {} elsewhere. AWS_MAX_ATTEMPTS / AWS_RETRY_MODE and fsspec's own s3
+    `config_kwargs` override these defaults."""
+    if not url.startswith(S3_PROTOCOLS):
+        return {}
+    import fsspec.config
+
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_READ_ATTEMPTS)
+    mode = os.environ.get("AWS_RETRY_MODE") or "standard"
+    config_kwargs = {
+        "retries": {"mode": mode, "total_max_attempts": attempts},
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "read_timeout": S3_READ_TIMEOUT_S,
+        **(fsspec.config.conf.get("s3", {}).get("config_kwargs") or {}),
+    }
+    return {"config_kwargs": config_kwargs}
+
+
+def describe_read_retries(url: str) -> str:
+    """How hard the client tried before giving up (for the outage message)."""
+    retries = read_options(url).get("config_kwargs", {}).get("retries", {})
+    attempts = retries.get("total_max_attempts", retries.get("max_attempts"))
+    return f"{attempts} attempts, botocore {retries.get('mode')} retries" if attempts else "the client's retries"
+
+
+def outage_cause(exc: BaseException) -> BaseException | None:
+    """The error in `exc`'s chain that says the store did not answer (connection refused/reset/closed,
+    timeout, 5xx, throttling), or None when it answered (missing object, denied, bad bytes)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if names & _OUTAGE_CLASSES:
+            return current
+        response = getattr(current, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+            if code in _OUTAGE_CODES or int(status) >= 500:
+                return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def describe_fs_error(exc: BaseException) -> str:

@@ -8,7 +8,9 @@ wrapped in a hashing reader. After the shard's last sample it drains what tarfil
 (end-of-archive padding) and compares the digest with the manifest's: the check costs no second
 pass over the bytes. What we add is only naming: a tar-level failure is a `ShardReadError` naming
 the shard URL and the last good sample key, a digest mismatch a `ShardDigestError` naming the URL,
-the expected and the actual digest.
+the expected and the actual digest. A store that does not answer (after fsspec/s3fs/botocore's own
+retries, `fsutil.read_options`) is neither: it is a `StorageUnavailable` naming the URL, which a
+later retry may fix, and which `on_error="skip"` never skips.
 
 A damaged tar header after the first member is not an error for tarfile's streaming reader (it
 ends the archive there), so a shard that stops early is caught by the sample count (stream.py) and
@@ -21,7 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.data.fsutil import describe_read_retries, outage_cause, read_options
 from pipeline.data.shardio import HashingReader, short_reason
+from pipeline.errors import StorageUnavailable
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ def shard_samples(source: ShardSource) -> Iterator[dict[str, Any]]:
 
     last_key = None
     try:
-        with fsspec.open(source.url, "rb") as raw:
+        with fsspec.open(source.url, "rb", **read_options(source.url)) as raw:
             reader = HashingReader(raw)
             for sample in group_by_keys(tar_file_expander([{"url": source.url, "stream": reader}])):
                 last_key = sample["__key__"]
@@ -56,6 +60,12 @@ def shard_samples(source: ShardSource) -> Iterator[dict[str, Any]]:
         raise
     except Exception as exc:  # tarfile.ReadError, fsspec/botocore errors, duplicate names, ...
         where = f"after sample {last_key!r}" if last_key else "at the start"
+        cause = outage_cause(exc)
+        if cause is not None:
+            raise StorageUnavailable(
+                f"{source.url}: storage unavailable {where} (gave up after {describe_read_retries(source.url)}): "
+                f"{short_reason(cause)}; not a data fault: run again once the store answers"
+            ) from None
         raise ShardReadError(f"{source.url}: corrupt or truncated shard {where}: {short_reason(exc)}") from None
     actual = reader.sha256.hexdigest()
     if source.sha256 is not None and actual != source.sha256:

@@ -55,9 +55,14 @@ Determinism and resume
   The random-erasing fill on the device comes from a generator seeded from (seed, epoch, rank, batch).
 
 Corrupt data (on_error)
-- "raise": a truncated/unreadable shard or an undecodable sample raises PipelineError naming the
-  shard URL and the sample key; a shard whose sha256 differs from the manifest's raises naming the
-  URL and both digests (when the shard has been read to its end).
+- "raise": a truncated/unreadable shard, an undecodable sample or a label outside the manifest's
+  classes raises PipelineError naming the shard URL and the sample key (checked in the worker, on
+  the CPU: no host sync in the training loop); a shard whose sha256 differs from the manifest's
+  raises naming the URL and both digests (when the shard has been read to its end). An error raised
+  in a DataLoader worker reaches the caller as the same type with the worker's one-line message
+  (torch's "Caught ... in DataLoader worker" wrapping and traceback removed).
+- An object store that does not answer (after its client's retries) raises StorageUnavailable
+  naming the URL, whatever on_error says: an outage is not corrupt data (pipeline.data.read).
 - "skip": a warning is logged and the sample (or the rest of a truncated shard) is skipped; train
   readers fill the batch from the next samples, eval replaces each lost sample by padding (label -1),
   so batch counts never change (a sha256 mismatch is only logged). `loader.skipped` counts them for
@@ -268,8 +273,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         shuffle_buffer: int,
         shard_sha256: list[str | None] | None = None,
         decode: str = "cpu",
+        num_classes: int = 0,
     ):
         self.urls = urls
+        self.num_classes = num_classes  # labels must lie in 0..num_classes-1 (0: not checked)
         self.shard_samples = shard_samples
         self.shard_sha256 = shard_sha256 or [None] * len(urls)
         self.role = role
@@ -408,6 +415,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             if ext is None or "cls" not in raw.sample:
                 raise ValueError(f"sample has no image or no .cls ({sorted(raw.sample)})")
             label = int(raw.sample["cls"])
+        except Exception as exc:
+            self._fail(f"{raw.url}: sample {raw.key!r}: cannot decode: {short_reason(exc)}", quiet=quiet)
+            return None
+        if self.num_classes and not 0 <= label < self.num_classes:
+            self._fail(f"{raw.url}: sample {raw.key!r}: label {label} is outside the manifest's "
+                       f"{self.num_classes} classes (0..{self.num_classes - 1})", quiet=quiet)
+            return None
+        try:
             data = raw.sample[ext]
             cropped = decoder.decode_crop(decoder.open(data), data)
         except Exception as exc:
@@ -619,7 +634,10 @@ class ShardLoader:
             # advance the caller's global torch RNG (our samples are seeded explicitly anyway)
             generator=torch.Generator().manual_seed(self.stream.seed),
         )
-        yield from loader
+        try:
+            yield from loader
+        except PipelineError as err:  # from a worker process: keep the type, drop torch's wrapping
+            raise type(err)(worker_message(err)) from None
 
     def __iter__(self) -> Iterator[tuple[Any, ...]]:
         expected = len(self)
@@ -638,6 +656,16 @@ class ShardLoader:
             yield (images, labels, keys) if self.with_keys else (images, labels)
         if count != expected:
             raise RuntimeError(f"loader yielded {count} batches, planned {expected} (a bug in pipeline.data.stream)")
+
+
+def worker_message(err: BaseException) -> str:
+    """The original message of an error torch re-raised from a DataLoader worker ("Caught X in
+    DataLoader worker process N.\nOriginal Traceback ...\nmodule.X: message"); others as they are."""
+    text = str(err)
+    if not text.startswith("Caught "):
+        return text
+    marker = f"\n{type(err).__module__}.{type(err).__qualname__}: "
+    return text.rsplit(marker, 1)[1].strip() if marker in text else text
 
 
 def build_loader(
@@ -693,6 +721,7 @@ def build_loader(
         shuffle_buffer=shuffle_buffer,
         shard_sha256=[shard.sha256 for shard in manifest.shards],
         decode=decode,
+        num_classes=len(manifest.classes),
     )
     pin = device.type == "cuda" if pin_memory is None else pin_memory
     loader = ShardLoader(manifest, stream, num_workers, pin, device, with_keys=with_keys)

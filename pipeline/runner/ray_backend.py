@@ -7,7 +7,8 @@ named `{job}-{stage}-{fingerprint[:12]}`, so a re-run after a crashed driver res
 checkpoints. Retries are the driver's: a lost worker or node gets a new worker group (up to
 `scaling.max_failures` times), a fault that would fail again (a PipelineError: corrupt data, bad
 settings, missing inputs; missing credentials) fails the stage at once — the worker that hit it
-leaves `.fatal-error.json` beside the outputs. Rank 0 writes the StageResult as result.json there,
+leaves `.fatal-error.json` beside the outputs; an object-store outage (`StorageUnavailable`) is
+retried like a lost worker. Rank 0 writes the StageResult as result.json there,
 where the driver reads it back from any node. Per-rank scratch folders are removed when the worker ends.
 """
 
@@ -135,8 +136,11 @@ def scratch_dir(trial_name: str, rank: int) -> str:
 
 def is_deterministic(err: BaseException) -> bool:
     """Faults a retry cannot fix: our own errors (corrupt data, bad settings, missing inputs) and
-    missing storage credentials. Lost workers and nodes surface as other errors and are retried."""
-    return isinstance(err, PipelineError) or type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError")
+    missing storage credentials. Lost workers and nodes surface as other errors and are retried, as
+    is a PipelineError marked `retryable` (an object store that did not answer: StorageUnavailable)."""
+    if isinstance(err, PipelineError):
+        return not err.retryable
+    return type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError")
 
 
 class RayBackend:
