@@ -1,6 +1,6 @@
 """`python -m pipeline shards SOURCE DEST [options]` and `python -m pipeline shards verify MANIFEST_URL [--decode]`.
 
-SOURCE is `digits`, `imagefolder` or `imagenet` (the latter two need --root); DEST is a folder URL
+SOURCE is `digits`, `shapes`, `imagefolder` or `imagenet` (the latter two need --root); DEST is a folder URL
 (local path, file://, s3://, gs://, memory://). Output: `{split}-NNNNNN.tar` and `{split}.manifest.json`.
 A DEST whose manifest holds another build is refused unless --new-version (then `DEST/v-<plan>/`).
 `verify` prints one line per bad shard or sample on stderr and exits 2 if there is any.
@@ -18,16 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = (
         "examples:\n"
         "  python -m pipeline shards digits data/digits --split train\n"
+        "  python -m pipeline shards shapes data/shapes --split val\n"
         "  python -m pipeline shards imagenet s3://bucket/imagenet --root /data/ILSVRC2012 --split val "
         "--shard-max-mb 512\n"
         "  python -m pipeline shards verify s3://bucket/imagenet/val.manifest.json --decode"
     )
-    parser.add_argument("source", metavar="SOURCE", help="digits | imagefolder | imagenet | verify")
+    parser.add_argument("source", metavar="SOURCE", help="digits | shapes | imagefolder | imagenet | verify")
     parser.add_argument("dest", metavar="DEST", help="shard folder URL (or, after 'verify', a manifest URL)")
     parser.add_argument(
         "--root", help="source folder/URL (imagefolder: ROOT/<class>/*; imagenet: ROOT/train, ROOT/val)"
     )
-    parser.add_argument("--split", default="train", help="split to write (digits/imagenet: train or val) [train]")
+    parser.add_argument(
+        "--split", default="train", help="split to write (digits/shapes/imagenet: train or val) [train]"
+    )
     parser.add_argument("--shard-max-count", type=int, default=1000, help="samples per shard at most [1000]")
     parser.add_argument("--shard-max-mb", type=float, default=None, help="shard size target in MB")
     parser.add_argument("--max-side", type=int, default=None, help="downscale and re-encode larger images")

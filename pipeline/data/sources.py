@@ -1,10 +1,12 @@
-"""Image sources the shard writer understands: `digits`, `imagefolder` and `imagenet`.
+"""Image sources the shard writer understands: `digits`, `shapes`, `imagefolder` and `imagenet`.
 
 A source lists its samples on the driver (cheap: names, labels, sizes) and reads one sample's
 bytes inside a writer task. Sources are small picklable objects so Ray can ship them to tasks.
 
 - `digits`: scikit-learn's bundled 8x8 digits (values 0..16), upscaled to 32 px and stored as PNG.
   A fixed stratified 80/20 split (seed 0, independent of the writer's seed) gives `train`/`val`.
+- `shapes`: ten object shapes over photo backgrounds with clutter, generated from a fixed seed
+  (pipeline/data/shapes.py says what and why): 4000 `train` and 1000 `val` 64 px PNGs, no download.
 - `imagefolder`: ROOT/<class>/**/<image>; classes are the sorted folder names.
 - `imagenet`: ROOT/train/<wnid>/*.JPEG and ROOT/val in either layout: class folders, or flat files
   plus a label file (`LOC_val_solution.csv`, the devkit's `ILSVRC2012_validation_ground_truth.txt`
@@ -26,13 +28,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.data import shapes
 from pipeline.data.fsutil import url_to_fs
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-SOURCE_NAMES = ("digits", "imagefolder", "imagenet")
+SOURCE_NAMES = ("digits", "shapes", "imagefolder", "imagenet")
 DIGITS_SIZE = 32
 DIGITS_SPLIT_SEED = 0
 DIGITS_VAL_FRACTION = 0.2
@@ -113,6 +116,47 @@ class DigitsSource:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class ShapesSource:
+    """The generated shapes data set; `seed` and `count` exist for tests (jobs use the defaults)."""
+
+    split: str
+    seed: int = shapes.SEED
+    count: int | None = None
+    name: str = "shapes"
+
+    def __post_init__(self) -> None:
+        if self.split not in shapes.COUNTS:
+            raise PipelineError(f"shapes: unknown split {self.split!r}; use 'train' or 'val'")
+
+    @property
+    def classes(self) -> list[str]:
+        return list(shapes.CLASSES)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "origin": "pipeline.data.shapes (backgrounds: sklearn.datasets.load_sample_images)",
+            "image_size": shapes.IMAGE_SIZE,
+            "generator_seed": self.seed,
+            "split": self.split,
+        }
+
+    def samples(self) -> list[SampleRef]:
+        count = shapes.COUNTS[self.split] if self.count is None else self.count
+        return [
+            SampleRef(key=f"shapes_{self.split}_{i:05d}", label=shapes.label_of(i), file=f"shapes[{self.split}][{i}]",
+                      location=i, size=9000)
+            for i in range(count)
+        ]
+
+    def read(self, ref: SampleRef) -> bytes:
+        return shapes.png_bytes(self.seed, self.split, int(ref.location))
 
 
 # --------------------------------------------------------------------------- folders
@@ -401,9 +445,11 @@ def make_source(
     root: str | None = None,
     val_labels: str | None = None,
     devkit_meta: str | None = None,
-) -> DigitsSource | FolderSource | ImageNetSource:
+) -> DigitsSource | ShapesSource | FolderSource | ImageNetSource:
     if name == "digits":
         return DigitsSource(split)
+    if name == "shapes":
+        return ShapesSource(split)
     if name in ("imagefolder", "imagenet") and not root:
         raise PipelineError(f"source {name!r} needs a root folder (--root PATH_OR_URL)")
     if name == "imagefolder":
