@@ -20,7 +20,8 @@ from pipeline.runner.job import JobOutcome, run_job
 from pipeline.runner.resolve import StagePlan
 from pipeline.stages.context import StageResult
 from pipeline.stages.table import STAGES
-from pipeline.train.distributed import barrier, broadcast_from_rank0, init_distributed
+from pipeline.train.collectives import barrier, broadcast_from_rank0
+from pipeline.train.distributed import init_distributed
 
 logger = logging.getLogger(__name__)
 

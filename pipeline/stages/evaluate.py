@@ -21,7 +21,6 @@ import time
 
 import timm
 import torch
-import torch.distributed as dist
 
 import models  # noqa: F401  (registers the Spikformer variants with timm)
 from models.energy import measure_energy
@@ -29,6 +28,7 @@ from pipeline.config import JobConfig
 from pipeline.errors import PipelineError
 from pipeline.stages.common import manifest_url
 from pipeline.stages.context import StageContext, StageInputs, StageResult
+from pipeline.train import collectives
 from pipeline.train.artifacts import publish
 from pipeline.train.distributed import setup_distributed
 from pipeline.train.export import read_export
@@ -136,8 +136,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
                           on_error=job.data.on_error, decode=job.data.decode)
     confusion, top5_hits, energy_images = evaluate_stream(model, loader, device, num_classes, settings.energy_batches)
     totals = torch.cat([confusion.flatten(), top5_hits.view(1)])
-    if dist.is_initialized():
-        dist.all_reduce(totals)
+    totals = collectives.all_reduce_sum(totals)  # on the group's device: NCCL refuses CPU tensors
     confusion, top5_hits = totals[:-1].view(num_classes, num_classes), int(totals[-1])
     counted = int(confusion.sum())
     check_count(counted, loader.num_samples, data_url)

@@ -38,7 +38,8 @@ from pipeline.errors import PipelineError
 from pipeline.stages.common import augment_options, manifest_url, model_kwargs
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 from pipeline.stages.label_subset import write_label_subset
-from pipeline.train.distributed import barrier, broadcast_from_rank0, seed_everything, setup_distributed
+from pipeline.train.collectives import barrier, broadcast_from_rank0
+from pipeline.train.distributed import seed_everything, setup_distributed
 from pipeline.train.export import read_export
 from pipeline.train.trainer import StageTrainer, TrainingHooks
 

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
+from pipeline.train import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -95,21 +95,10 @@ def knn_accuracy(queries: torch.Tensor, labels: torch.Tensor, bank: torch.Tensor
 # --------------------------------------------------------------------------- distributed pieces
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def gather_counts(count: int, device: torch.device) -> list[int]:
     """Every rank's `count`, in rank order."""
-    _, world = _world()
-    if world == 1:
-        return [count]
     mine = torch.tensor([count], dtype=torch.int64, device=device)
-    counts = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(counts, mine)
-    return [int(c) for c in counts]
+    return [int(c) for c in collectives.all_gather_equal(mine)]
 
 
 def rank_quota(counts: list[int], rank: int, size: int) -> int:
@@ -125,8 +114,7 @@ def all_gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
     longest = max(max(counts), 1)
     padded = rows.new_zeros((longest, *rows.shape[1:]))
     padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
+    gathered = collectives.all_gather_equal(padded)
     return torch.cat([part[:n] for part, n in zip(gathered, counts, strict=True)])
 
 
@@ -163,10 +151,7 @@ def _batch_norms(module: torch.nn.Module) -> list[torch.nn.modules.batchnorm._Ba
 
 def average_bn_over_ranks(module: torch.nn.Module) -> None:
     """Running mean/var averaged over ranks (DeepSpeed never syncs buffers; the export holds this). Collective."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        from timm.utils import distribute_bn
-
-        distribute_bn(module, dist.get_world_size(), reduce=True)
+    collectives.average_batchnorm_stats(module)
 
 
 @contextlib.contextmanager
@@ -224,7 +209,7 @@ class KnnMonitor:
         self.bank_size, self.eval_size, self.batch_size = bank_size, eval_size, batch_size
         self.num_classes, self.device, self.dtype = num_classes, device, dtype
         self.k, self.temperature = k, temperature
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = collectives.world()
         self.seconds = 0.0
         self.evaluations = 0
 
@@ -275,8 +260,7 @@ class KnnMonitor:
         num_classes = max(self.num_classes, int(bank_labels.max()) + 1)  # a label the bank lacks never hits
         votes = knn_votes(queries, bank, bank_labels, num_classes, k=self.k, temperature=self.temperature)
         hits = torch.tensor(knn_hits(votes, labels), dtype=torch.int64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(hits)
+        hits = collectives.all_reduce_sum(hits)
         n = sum(eval_counts)
         seconds = time.perf_counter() - started
         self.seconds += seconds

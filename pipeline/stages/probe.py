@@ -37,6 +37,7 @@ from pipeline.errors import PipelineError
 from pipeline.stages.common import augment_options, eval_loader, manifest_url, model_kwargs
 from pipeline.stages.context import StageContext, StageInputs, StageResult
 from pipeline.stages.evaluate import check_count, evaluate_stream
+from pipeline.train import collectives
 from pipeline.train.distributed import seed_everything, setup_distributed
 from pipeline.train.export import read_export
 from pipeline.train.trainer import StageTrainer
@@ -143,8 +144,7 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
                          augment=settings.augment, img_size=img_size)
     confusion, top5_hits, _ = evaluate_stream(classifier, loader, device, job.model.num_classes, energy_batches=0)
     totals = torch.cat([confusion.flatten(), top5_hits.view(1)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
+    totals = collectives.all_reduce_sum(totals)
     counted = int(totals[:-1].sum())
     check_count(counted, loader.num_samples, val_url)
     top1 = int(totals[:-1].view(job.model.num_classes, -1).diag().sum())

@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from pipeline.errors import PipelineError
+from pipeline.train import collectives
 
 logger = logging.getLogger(__name__)
 
@@ -113,12 +113,7 @@ def restore_rng(state: dict[str, Any]) -> None:
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG state, in rank order, on every rank (DeepSpeed saves client_state from rank 0
     under ZeRO 0-2, so per-rank states must travel to it)."""
-    state = capture_rng()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    return collectives.all_gather_objects(capture_rng())
 
 
 # --------------------------------------------------------------------------- save / load
@@ -135,13 +130,11 @@ def save(
 ) -> str:
     """Write tag `step<N>` on all ranks, then publish it as `latest` and prune. Collective."""
     tag = write_tag(ds_engine, ckpt_dir, step, client_state)
-    if dist.is_initialized():
-        dist.barrier()  # every rank has finished its files of this tag
+    collectives.barrier()  # every rank has finished its files of this tag
     if is_writer:
         publish_latest(ckpt_dir, tag)
         prune_tags(ckpt_dir, keep_last, tag)
-    if dist.is_initialized():
-        dist.barrier()  # nobody reads `latest` before it is published
+    collectives.barrier()  # nobody reads `latest` before it is published
     logger.info("checkpoint %s/%s saved", ckpt_dir, tag)
     return tag
 

@@ -1,5 +1,5 @@
-"""Joining the process group every stage trains in, seeding, and the small object collectives the
-loop needs (rank 0 decides, every rank follows).
+"""Joining the process group every stage trains in, and seeding (the collectives themselves are in
+pipeline.train.collectives).
 
 Decisions
 - DeepSpeed's CPU shared-memory comm op (`deepspeed_shm_comm`) is switched OFF on CPU: DeepSpeed
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import random
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import deepspeed
 import numpy as np
@@ -79,15 +79,3 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_from_rank0(value: Any) -> Any:
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

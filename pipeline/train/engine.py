@@ -44,12 +44,11 @@ from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
-from timm.utils import distribute_bn
 
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings, deep_merge
 from pipeline.errors import PipelineError
 from pipeline.train import checkpoint as ckpt
+from pipeline.train import collectives
 from pipeline.train.distributed import init_distributed
 from pipeline.train.export import write_export
 from pipeline.train.metrics import IntervalMeter, peak_memory_mb
@@ -223,8 +222,7 @@ class TrainEngine:
                 torch.tensor(float(skipped_samples), dtype=torch.float64, device=loss_sum.device),
             ]
         )
-        if dist.is_initialized():
-            dist.all_reduce(stats)
+        stats = collectives.all_reduce_sum(stats)
         bad_ranks, loss_total, images_total, skipped_total = stats.tolist()
         if bad_ranks > 0:
             self._failed_step = step_number
@@ -287,8 +285,7 @@ class TrainEngine:
 
     def sync_batchnorm_stats(self) -> None:
         """Average BN running mean/var over ranks (see module docstring). Collective."""
-        if self.world_size > 1:
-            distribute_bn(self.ds.module, self.world_size, reduce=True)
+        collectives.average_batchnorm_stats(self.ds.module)
 
     def _is_checkpoint_writer(self) -> bool:
         return (self.local_rank if self.ds.use_node_local_storage() else self.rank) == 0
@@ -417,12 +414,8 @@ class TrainEngine:
         from rank 0, of `state` or else of the engine's own weights; returns its sha256 on every rank.
         Collective."""
         state_dict = self.state_dict_fp32(prefix) if state is None else state
-        digest = [None]
-        if self.rank == 0:
-            digest[0] = write_export(state_dict, {"step": self.step, **config}, url)
-        if dist.is_initialized():
-            dist.broadcast_object_list(digest, src=0)
-        return digest[0]
+        digest = write_export(state_dict, {"step": self.step, **config}, url) if self.rank == 0 else None
+        return collectives.broadcast_from_rank0(digest)
 
     def gathered_parameters(self):
         """A context in which every parameter of the module is whole on every rank (ZeRO-3 gathers

@@ -36,7 +36,8 @@ from pipeline.data.fsutil import join_url
 from pipeline.errors import PipelineError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.artifacts import publish, write_loss_curve
-from pipeline.train.distributed import broadcast_from_rank0, seed_everything, setup_distributed
+from pipeline.train.collectives import broadcast_from_rank0
+from pipeline.train.distributed import seed_everything, setup_distributed
 from pipeline.train.engine import LossFn, StepOutput, TrainEngine, build_engine
 
 if TYPE_CHECKING:
