@@ -14,6 +14,7 @@ import sys
 
 from pipeline.console import configure_logging
 from pipeline.errors import PipelineError
+from pipeline.redact import redact_url
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._entry(args) or 0)
     except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_url(str(err))}", file=sys.stderr)
         return 2
 
 

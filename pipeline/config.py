@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 
 from pipeline.errors import PipelineError
+from pipeline.redact import MASK, SECRET_KEY_PATTERN, redact_url
 from pipeline.schema import Settings
 
 logger = logging.getLogger(__name__)
@@ -309,8 +310,8 @@ def with_overrides(job: JobConfig, overrides: Mapping[str, Any], label: str) -> 
 # without reading a traceback.
 
 _ENV_PATTERN = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
-_SECRET_KEY_PATTERN = re.compile(r"password|passwd|secret|token|credential|access_key|api_key", re.IGNORECASE)
-_MASK = "***"
+_SECRET_KEY_PATTERN = SECRET_KEY_PATTERN  # pipeline.redact decides what is secret, for every place
+_MASK = MASK
 # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH (checked by a test); kept here so loading a job
 # does not import mlflow.
 MLFLOW_MAX_PARAM_LENGTH = 6000
@@ -332,14 +333,16 @@ def load_job(path_or_url: str | os.PathLike[str], overrides: Sequence[str] = ())
 
 
 def resolved_dict(job: BaseModel) -> dict[str, Any]:
-    """The fully resolved spec (or any settings block) as plain JSON types, secrets masked: for hashing."""
+    """The fully resolved spec (or any settings block) as plain JSON types, secrets masked (URL
+    passwords too): for hashing."""
     return _jsonable(job.model_dump(mode="python"))
 
 
 def flatten_params(job: BaseModel, prefix: str = "") -> dict[str, str]:
     """Dotted-key -> string view of the spec (or one block, keys under `prefix`) for MLflow params.
 
-    Secrets are masked and long values truncated to MLflow's limit.
+    Secrets (secret-like keys, SecretStr, URL passwords) are masked and long values truncated to
+    MLflow's limit.
     """
     flat: dict[str, str] = {}
     _flatten_into(flat, prefix, job.model_dump(mode="python"))
@@ -536,7 +539,7 @@ def _is_union_tag(part: Any) -> bool:
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
+    text = redact_url(repr(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -598,7 +601,7 @@ def _flatten_into(flat: dict[str, str], prefix: str, value: Any) -> None:
     elif isinstance(value, (list, tuple, dict)):
         text = json.dumps(_jsonable(value))
     else:
-        text = str(value)
+        text = redact_url(str(value))  # a tracking URI or endpoint with user:password@
     if len(text) > MLFLOW_MAX_PARAM_LENGTH:
         text = text[: MLFLOW_MAX_PARAM_LENGTH - 3] + "..."
     flat[prefix] = text
@@ -614,6 +617,8 @@ def _jsonable(value: Any) -> Any:
         }
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     return str(value)

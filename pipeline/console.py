@@ -9,7 +9,10 @@ worker, each torchrun rank) the same way:
 - log file (`log_file`, usually `{output_root}/logs/{job}-rank{N}.log`): every record of every
   logger at INFO and above, chatter included, with rank and logger name.
 Python warnings (torch's FutureWarnings and the like) are routed through logging so the same rules
-apply. This module imports no Ray, MLflow or torch: stages use `progress_line` from it.
+apply. Both outputs pass every line (message, arguments and traceback) through
+`pipeline.redact.redact_url`: a password in a URL (an MLflow tracking URI, an endpoint) never
+reaches the console or a log file. This module imports no Ray, MLflow or torch: stages use
+`progress_line` from it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
+
+from pipeline.redact import redact_url
 
 # Loggers whose INFO lines are ours; every other logger reaches the console from WARNING up.
 OWN_LOGGERS = ("pipeline", "models", "__main__")
@@ -70,8 +75,18 @@ class ConsoleFormatter(logging.Formatter):
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"
         if record.levelno < logging.WARNING:
-            return f"{when} {text}"
-        return f"{when} {record.levelname} rank{self.rank} {record.name}: {text}"
+            return redact_url(f"{when} {text}")
+        return redact_url(f"{when} {record.levelname} rank{self.rank} {record.name}: {text}")
+
+
+class FileFormatter(logging.Formatter):
+    """The log file's lines (time, rank, level, logger, message, traceback), URL passwords redacted."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_url(super().format(record))
 
 
 class _ToRoot(logging.Filter):
@@ -105,7 +120,7 @@ def configure_logging(rank: int, log_file: str | None = None) -> None:
         os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
         to_file = logging.FileHandler(log_file, mode="a", encoding="utf-8")
         to_file.setLevel(logging.INFO)
-        to_file.setFormatter(logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s"))
+        to_file.setFormatter(FileFormatter(rank))
         setattr(to_file, _MARK, True)
         root.addHandler(to_file)
     root.setLevel(logging.INFO)

@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from pipeline import lineage
 from pipeline.data.fsutil import join_url
 from pipeline.errors import PipelineError
+from pipeline.redact import redact_url
 from pipeline.tracking import JOB_TAG, STAGE_TAG, Tracker
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def _get_run(tracker: Tracker, run_id: str, where: str):
     try:
         return tracker.get_run(run_id)
     except MlflowException:
-        raise PipelineError(f"{where}: no run {run_id} in the MLflow store {tracker.tracking_uri}") from None
+        store = redact_url(tracker.tracking_uri)
+        raise PipelineError(f"{where}: no run {run_id} in the MLflow store {store}") from None
 
 
 def _model_version_run(tracker: Tracker, spec: str, where: str) -> str:
@@ -123,7 +125,8 @@ def _newest_job_run(tracker: Tracker, job_name: str, kind: str, where: str):
                                   f"tags.`{STAGE_TAG}` = '{kind}' and attributes.status = 'FINISHED'",
                                   max_results=200)
         names = sorted({r.data.tags.get(JOB_TAG, "") for r in jobs} - {""})
-        raise PipelineError(f"{where}: no FINISHED {kind} run of job {job_name!r} in {tracker.tracking_uri}; "
+        store = redact_url(tracker.tracking_uri)
+        raise PipelineError(f"{where}: no FINISHED {kind} run of job {job_name!r} in {store}; "
                             f"jobs with finished {kind} runs: {', '.join(names) or 'none'}")
     return max(candidates, key=lambda pair: pair[0])[1]
 

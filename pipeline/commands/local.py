@@ -18,17 +18,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipeline.errors import PipelineError
+    from pipeline.runner.preflight import check_output_root
+
+    job, stages = load(args)
+    if job.sweep is not None:
+        raise PipelineError(f"{args.job}: sweep: sweeps run under `python -m pipeline run` (Ray), not `local`")
+    check_output_root(job)  # before the log file goes there, and before torch and DeepSpeed load
+
     import torch.distributed as dist
 
     from pipeline.commands.run import summary
     from pipeline.runner.local_backend import run_local
 
     try:
-        job, stages = load(args)
-        if job.sweep is not None:
-            from pipeline.errors import PipelineError
-
-            raise PipelineError(f"{args.job}: sweep: sweeps run under `python -m pipeline run` (Ray), not `local`")
         outcome = run_local(job, stages, job_file=args.job)
         if outcome is not None:
             print(summary(outcome), flush=True)

@@ -1,5 +1,9 @@
 """`python -m pipeline plan JOB.yaml [--gpus N --gpu-tflops X --mfu Y]`: the stage graph, fingerprints,
-what would be skipped, and the cost table (FLOPs, GPU-hours, wall time, memory per GPU, shards)."""
+what would be skipped, and the cost table (FLOPs, GPU-hours, wall time, memory per GPU, shards).
+
+An input the spec names that cannot be checked from here (an unreadable manifest or export, a
+reference the MLflow store does not know or cannot be asked about) does not stop the plan: it is
+printed, then one `error:` line lists every such input and the command exits 2."""
 
 from __future__ import annotations
 
@@ -21,11 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.errors import PipelineError
+
+    job, stages = load(args)
+    unchecked: list[str] = []  # inputs the plan could not check: listed after the plan, then exit 2
+    _print_plan(args, job, stages, unchecked)
+    if unchecked:
+        listed = "; ".join(unchecked)
+        raise PipelineError(f"plan printed, but {len(unchecked)} input(s) could not be checked: {listed}")
+    return 0
+
+
+def _print_plan(args: argparse.Namespace, job, stages, unchecked: list[str]) -> None:
+    from pipeline.errors import PipelineError
     from pipeline.runner.plan import plan_job
     from pipeline.runner.resolve import selected_stages
     from pipeline.stages.table import STAGES
 
-    job, stages = load(args)
     print(f"job {job.name}: {job.model.variant}, {job.scaling.num_workers} worker(s), output {job.output_root}")
     if job.data.build is not None:
         print(f"  shards     build {job.data.build.source} {','.join(job.data.build.splits)} (Ray tasks)")
@@ -38,9 +53,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"  cell {run.cell} seed {run.seed} (job {run.job.name})")
             _print_stages(planned_stages, STAGES, indent="    ")
     else:
-        _print_stages(plan_job(job, stages), STAGES)
+        _print_stages(plan_job(job, stages, unchecked), STAGES)
     if args.no_costs:
-        return 0
+        return
     from pipeline.costplan import Cluster, format_costs, plan_costs
 
     gpus = args.gpus or job.scaling.num_workers
@@ -48,12 +63,11 @@ def main(args: argparse.Namespace) -> int:
         raise PipelineError("--gpus must be >= 1, --mfu in (0, 1], --gpu-tflops > 0")
     if sweep is not None:
         print(_sweep_costs(sweep, Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu), plan_costs))
-        return 0
+        return
     if gpus != job.scaling.num_workers:
         print(f"  (costs for {gpus} GPUs, as with --set scaling.num_workers={gpus}: the global batch changes)")
     cluster = Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu)
     print(format_costs(plan_costs(job, selected_stages(job, stages), cluster), cluster))
-    return 0
 
 
 def _print_stages(planned_stages, table, indent: str = "  ") -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from pipeline.commands._job_args import add_job_arguments, load
+from pipeline.redact import redact_url
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,10 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from pipeline.console import configure_logging, log_file_for
-    from pipeline.runner.preflight import check_records_location
+    from pipeline.runner.preflight import check_output_root, check_records_location
 
     job, stages = load(args)
     check_records_location(job)  # inside a Ray job's temporary working directory: refuse relative locations
+    check_output_root(job)  # before the log file goes there
     configure_logging(0, log_file_for(job.output_root, job.name, "driver"))
 
     from pipeline.runner.job import run_job
@@ -50,10 +53,12 @@ def summary(outcome) -> str:
             lines.append(f"energy estimate: {energy / 1e6:.4f} uJ per image (45 nm: 4.6 pJ/MAC, 0.9 pJ/AC)")
     uri = outcome.tracking_uri
     table = f"#/experiments/{experiment_id(uri, outcome.job_run_id)}/runs"  # `mlflow ui` opens elsewhere
+    shown = redact_url(uri)  # the password stays in the spec or MLFLOW_TRACKING_PASSWORD, not on the console
     if uri.startswith(("http://", "https://")):
-        lines.append(f"browse the runs: {uri.rstrip('/')}/{table}")
-    else:
-        lines.append(f"browse the runs: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{table}")
+        lines.append(f"browse the runs: {shown.rstrip('/')}/{table}")
+    else:  # quoted: a store path with a space (or a shell character) pastes as one argument
+        lines.append(f"browse the runs: mlflow ui --backend-store-uri {shlex.quote(shown)}, "
+                     f"then http://127.0.0.1:5000/{table}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """Checks that run before any work: what a spec names must exist, and records must outlive the run.
 
-`check_job(job, stages, tracker)` (first thing of `run_job` and `plan_job`): each problem is one
-PipelineError naming the spec key, found in seconds instead of after shards, Ray and trainers:
+`check_job(job, stages, tracker)` (first thing of `run_job`): each problem is named with its spec key
+in one PipelineError, found in seconds instead of after shards, Ray and trainers (`plan_job` runs
+the same checks in two parts, `check_settings` and `input_problems`, so that it can still print
+the plan and then list every input it could not check):
 - `model.variant` is a registered Spikformer variant (with "did you mean");
 - the model builds with `model.*` for every selected stage (on the meta device: no memory, no init
   cost), so a wrong `model.kwargs` is a one-line error, not a traceback on every worker;
@@ -9,6 +11,9 @@ PipelineError naming the spec key, found in seconds instead of after shards, Ray
   exist and parse;
 - `stages.finetune.init` / `stages.evaluate.export` name an export: a plain URL must hold one; a
   `runs:/`, `models:/` or `job:` reference is resolved when an MLflow tracker is at hand.
+
+`check_output_root(job)` (`run` and `local`, before the log file is opened there): a local
+output_root must be a folder that can be created; a file in its place is one line, not a traceback.
 
 `check_records_location(job)` (the `run` driver, before anything else): a driver started by
 `ray job submit --working-dir .` runs inside Ray's temporary copy of that folder
@@ -26,7 +31,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from pipeline.config import JobConfig
-from pipeline.data.fsutil import absolute_url
+from pipeline.data.fsutil import absolute_url, is_remote
 from pipeline.errors import PipelineError
 
 logger = logging.getLogger(__name__)
@@ -39,20 +44,39 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # what pipeline.tracking uses when
 # --------------------------------------------------------------------------- the spec
 
 
-def check_job(job: JobConfig, stages: Sequence[str], tracker=None, strict_inputs: bool = True) -> None:
-    """strict_inputs=False (plan): a manifest or export that cannot be read from here (a laptop
-    planning a cluster job) is a warning; the model checks stay errors."""
+def check_job(job: JobConfig, stages: Sequence[str], tracker=None) -> None:
+    check_settings(job, stages)
+    problems = input_problems(job, stages, tracker)
+    if problems:
+        raise PipelineError("; ".join(problems))
+
+
+def check_settings(job: JobConfig, stages: Sequence[str]) -> None:
+    """What the spec alone decides: the variant and each selected stage's model."""
     check_variant(job)
     for name in stages:
         check_model(job, name)
-    try:
-        check_manifests(job, stages)
-        for name in stages:
-            check_upstream_export(job, name, tracker)
-    except PipelineError as err:
-        if strict_inputs:
-            raise
-        logger.warning("inputs not checked: %s", err)
+
+
+def input_problems(job: JobConfig, stages: Sequence[str], tracker=None, require_store: bool = False) -> list[str]:
+    """One line per input the spec names that cannot be read: every manifest and every upstream export
+    (each checked even when another failed). A runs:/, models:/ or job: reference is resolved with
+    `tracker`; without one it is left to the stage's resolution, or (require_store, plan) listed as
+    not checkable."""
+    from pipeline.data.manifest import load_manifest
+
+    problems = []
+    for key, url in named_manifests(job, stages).items():
+        try:
+            load_manifest(url)
+        except PipelineError as err:
+            problems.append(f"{key}: {err}")
+    for name in stages:
+        try:
+            check_upstream_export(job, name, tracker, require_store)
+        except PipelineError as err:
+            problems.append(str(err))
+    return problems
 
 
 def check_variant(job: JobConfig) -> None:
@@ -113,17 +137,7 @@ def _written_by_build(job: JobConfig, url: str) -> bool:
     return absolute_url(url).startswith(root) and absolute_url(url).rsplit("/", 1)[-1] in names
 
 
-def check_manifests(job: JobConfig, stages: Sequence[str]) -> None:
-    from pipeline.data.manifest import load_manifest
-
-    for key, url in named_manifests(job, stages).items():
-        try:
-            load_manifest(url)
-        except PipelineError as err:
-            raise PipelineError(f"{key}: {err}") from None
-
-
-def check_upstream_export(job: JobConfig, stage: str, tracker) -> None:
+def check_upstream_export(job: JobConfig, stage: str, tracker, require_store: bool = False) -> None:
     """The export a stage's spec key names (not the one this job's upstream stage will write)."""
     from pipeline.references import is_reference, resolve_export
     from pipeline.stages.table import STAGES
@@ -136,7 +150,7 @@ def check_upstream_export(job: JobConfig, stage: str, tracker) -> None:
     if not reference:
         return
     if is_reference(reference):
-        if tracker is None:
+        if tracker is None and not require_store:
             return  # resolved (or reported) with the MLflow store by the stage's own resolution
         url = resolve_export(reference, spec.upstream_key, spec.upstream, tracker, absolute_url(job.output_root)).url
     else:
@@ -160,6 +174,20 @@ def _must_exist(url: str) -> None:
         raise PipelineError(f"{url}: cannot read: {type(err).__name__}: {err}") from None
     if not found:
         raise PipelineError(f"{url} not found")
+
+
+def check_output_root(job: JobConfig) -> None:
+    """A local output_root is created now (it holds the log file); a file in its way is one line."""
+    if is_remote(job.output_root):
+        return
+    path = absolute_url(job.output_root)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:  # FileExistsError (a file there), NotADirectoryError (a file above), EACCES
+        problem = "is a file, not a folder" if os.path.isfile(path) else f"cannot create it: {err.strerror}"
+        raise PipelineError(f"output_root: {job.output_root}: {problem}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PipelineError(f"output_root: {job.output_root}: the folder is not writable")
 
 
 # --------------------------------------------------------------------------- where records go

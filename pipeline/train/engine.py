@@ -47,6 +47,7 @@ import torch
 
 from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings, deep_merge
 from pipeline.errors import PipelineError
+from pipeline.redact import redact_secrets
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import collectives
 from pipeline.train.distributed import init_distributed
@@ -457,6 +458,9 @@ def build_engine(
         model.to(torch.bfloat16)
     optimizer = build_optimizer(model, optim, lr)
     ds_engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    # DeepSpeed stores this dict in every checkpoint (`ds_config`); it has read what it needs from it
+    # (monitors included), so a secret in config_overrides (e.g. comet.api_key) is masked there
+    ds_engine.config = redact_secrets(ds_engine.config)
     if ds.compile:
         # DeepSpeed's own hook: torch.compile of the wrapped module in place (nn.Module.compile), so
         # parameter names, the optimizer's groups and checkpoints are those of the eager module.
