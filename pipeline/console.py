@@ -104,6 +104,9 @@ def configure_logging(rank: int, log_file: str | None = None) -> None:
     # read by MLflow at import: keep its own handler and artifact progress bars off the console
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow prints "View run ... at: <store URL>" to stdout at every run end, past logging (so past the
+    # redaction below, with the store's user:password): the summary's `browse the runs:` line says it once
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, _MARK, False) or _is_console(handler):
