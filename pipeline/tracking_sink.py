@@ -46,6 +46,10 @@ class StageSink:
         if self.active:
             self._guard("artifact", self.tracker.log_artifacts, self.run_id, path, subdir)
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.active:
+            self._guard("tags", self.tracker.set_tags, self.run_id, {key: str(value)})
+
     def _guard(self, what: str, fn: Any, *args: Any) -> None:
         try:
             fn(*args)

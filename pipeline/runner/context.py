@@ -55,7 +55,7 @@ def build_context(launch: StageLaunch, *, rank: int, world_size: int, local_rank
     return StageContext(
         rank=rank, world_size=world_size, local_rank=local_rank, work_dir=work_dir, output_url=launch.output_url,
         resume_dir=resume_dir, log_metrics=sink.log_metrics, log_image=sink.log_image,
-        log_artifact=sink.log_artifact, fault_step=fault_step,
+        log_artifact=sink.log_artifact, set_tag=sink.set_tag, fault_step=fault_step,
         fault_marker=join_url(marker_dir, FAULT_MARKER) if fault_step is not None else None,
         fault_delay_s=fault_delay_s, **extra,
     )

@@ -52,6 +52,7 @@ class StageContext:
     log_metrics: Callable[[dict[str, float], int], None] = _ignore  # (metrics, step), rank 0 only
     log_image: Callable[[Any, str], None] = _ignore  # (PIL image or PNG path, artifact file name)
     log_artifact: Callable[[str, str | None], None] = _ignore  # (local path, artifact sub-folder)
+    set_tag: Callable[[str, str], None] = _ignore  # (key, value) on the stage run, rank 0 only
     fault_step: int | None = None  # test hook: this rank kills its own process at this step, once
     fault_marker: str | None = None  # file whose existence says the fault already happened
     # Ray Train collects reports when it polls workers (every 2 s), so a crash right after a report

@@ -49,7 +49,9 @@ from pipeline.config import DeepSpeedSettings, LoopSettings, OptimizerSettings, 
 from pipeline.errors import PipelineError
 from pipeline.redact import redact_secrets
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import collectives
+from pipeline.train import checkpoint_io, collectives
+from pipeline.train.checkpoint_verify import Selection
+from pipeline.train.checkpoint_verify import select as select_checkpoint
 from pipeline.train.distributed import init_distributed
 from pipeline.train.export import write_export
 from pipeline.train.metrics import IntervalMeter, peak_memory_mb
@@ -328,14 +330,18 @@ class TrainEngine:
         return self.last_checkpoint
 
     def resume(self, ckpt_dir: str | os.PathLike, tag: str | None = None) -> dict[str, Any] | None:
-        """Restore model, optimizer, schedule, step and RNG from `ckpt_dir` (its `latest`, or `tag`).
+        """Restore model, optimizer, schedule, step and RNG from `ckpt_dir`: its newest tag that verifies
+        (pipeline.train.checkpoint_verify), or `tag`.
 
         Returns the client_state (step, epoch, batch_in_epoch and the stage's extra keys), or None
         when there is nothing to resume from. Collective.
         """
-        state = ckpt.load(self.ds, ckpt_dir, tag)
-        if state is None:
-            return None
+        selection = select_checkpoint([str(ckpt_dir)], tag=tag)
+        return None if selection is None else self.resume_from(selection)
+
+    def resume_from(self, selection: Selection) -> dict[str, Any]:
+        """Restore the tag `selection` names (verified by checkpoint_verify.select). Collective."""
+        state = ckpt.load_selected(self.ds, selection)
         self.step = int(state["step"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scheduler.step_update(self.step)
@@ -354,7 +360,7 @@ class TrainEngine:
                 state["global_batch"],
                 self.global_batch,
             )
-        self.last_checkpoint = os.path.join(str(ckpt_dir), tag or ckpt.read_latest(ckpt_dir))
+        self.last_checkpoint = selection.path
         self._meter.reset()
         logger.info(
             "resumed at step %d (epoch %s, batch %s)",
@@ -467,6 +473,7 @@ def build_engine(
         ds_engine.compile()
     # The ZeRO wrappers keep the client optimizer's param_group dicts, so the schedule can drive them.
     scheduler = build_scheduler(ds_optimizer, optim, length)
+    checkpoint_io.install(ds_engine)  # checkpoints hashed as written, read weights-only (refuses other writers)
     if firing_rate_fn == "default":
         firing_rate_fn = default_firing_rates()
     logger.info(

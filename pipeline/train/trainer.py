@@ -36,6 +36,8 @@ from pipeline.data.fsutil import join_url
 from pipeline.errors import PipelineError
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.artifacts import publish, write_loss_curve
+from pipeline.train.checkpoint_verify import Selection
+from pipeline.train.checkpoint_verify import select as select_checkpoint
 from pipeline.train.collectives import broadcast_from_rank0
 from pipeline.train.distributed import seed_everything, setup_distributed
 from pipeline.train.engine import LossFn, StepOutput, TrainEngine, build_engine
@@ -46,6 +48,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
+FALLBACK_TAG = "pipeline.checkpoint_fallback"  # set on the stage run when newer checkpoints were refused
+MAX_TAG_CHARS = 5000  # MLflow's limit for a tag value (8000 in recent servers; 5000 in older ones)
 EXPORT_SUBDIR = "export"
 
 
@@ -113,15 +117,17 @@ class StageTrainer:
     # ----------------------------------------------------------------- resume
 
     def resume(self) -> bool:
-        """Restore engine state and data position; True when a checkpoint was found. Collective."""
-        source = self._resume_source()
-        if source is None:
+        """Restore engine state and data position from the newest checkpoint that verifies; True when
+        one was found. Collective."""
+        selection = self._resume_source()
+        if selection is None:
             seed_everything(self.job.seed + 1 + self.rank)  # ranks draw different masks/mixup/drop-path
             return False
-        folder, tag = source
-        state = self.engine.resume(folder, tag)
-        if state is None:
-            raise PipelineError(f"stage {self.stage}: no checkpoint {tag} in {folder}")
+        state = self.engine.resume_from(selection)
+        folder, tag = selection.folder, selection.tag
+        if selection.rejected:  # the warning lines are logged by select; the stage run says so too
+            self.ctx.set_tag(FALLBACK_TAG, f"resumed from {tag}, not from newer checkpoints that failed "
+                             f"verification: {' | '.join(selection.rejected)}"[:MAX_TAG_CHARS])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.skipped_before = int(state.get("skipped_before", 0))
@@ -133,24 +139,15 @@ class StageTrainer:
                     self.engine.step, self.epoch, self.batch_in_epoch)
         return True
 
-    def _resume_source(self) -> tuple[str, str] | None:
-        """(folder, tag) to resume from. Rank 0 picks the tag, so all ranks load the same step (or all
-        start fresh); each rank then reads its own copy of the folder (Ray hands every rank one)."""
-        choice = None
-        if self.rank == 0:
-            for source, folder in (("resume_dir", self.ctx.resume_dir), ("work_dir", self.ckpt_dir)):
-                if folder and os.path.isdir(folder):
-                    tag = ckpt.read_latest(folder)
-                    if tag is not None:
-                        choice = (source, tag)
-                        break
-                    if source == "resume_dir":
-                        raise PipelineError(f"stage {self.stage}: resume folder {folder} has no 'latest' checkpoint")
-        choice = broadcast_from_rank0(choice)
-        if choice is None:
-            return None
-        source, tag = choice
-        return (self.ctx.resume_dir if source == "resume_dir" else self.ckpt_dir), tag
+    def _resume_source(self) -> Selection | None:
+        """The tag to resume from: the newest that verifies in ctx.resume_dir (Ray's copy of the last
+        reported checkpoint; it must have one when given), else in ctx.work_dir/checkpoints, falling back
+        to older kept tags. Rank 0 lists and decides, so all ranks load the same step (or all start
+        fresh); each rank checks a share of the files in its own copy of the folder."""
+        try:
+            return select_checkpoint([self.ctx.resume_dir, self.ckpt_dir], require_first=True)
+        except PipelineError as err:
+            raise PipelineError(f"stage {self.stage}: {err}") from None
 
     # ----------------------------------------------------------------- loop
 
@@ -230,7 +227,7 @@ class StageTrainer:
 
     def _report(self, metrics: dict[str, float]) -> None:
         """ctx.report with a folder holding only the newest tag (+ `latest`), on every rank."""
-        tag = ckpt.tag_for_step(self.engine.step)
+        tag = ckpt.tag_for_step(self.engine.step)  # its folder holds its digest.json: the report carries it
         staging = os.path.join(self.ctx.work_dir, "reported", f"{tag}-rank{self.rank}")
         shutil.rmtree(staging, ignore_errors=True)
         _link_tree(os.path.join(self.saved_folder, tag), os.path.join(staging, tag))
