@@ -5,6 +5,13 @@ so the same `Tracker` (a small picklable value) works in the driver and in Ray w
 driver creates the store and experiment (`prepare`): several processes creating a fresh sqlite DB
 at once crash in MLflow's migrations. Only rank 0 of a stage should call the logging methods.
 
+A tracking server that stops answering: MLflow's own HTTP retries are bounded (`HTTP_SETTINGS`, set
+as defaults in every process that talks to the store), so one call fails within seconds instead of
+minutes. The driver's tracker (`outage_wait_s` > 0) then waits for the server, probing its /health,
+for at most that long before raising `TrackingUnavailable`; rank 0's metrics never wait at all
+(`pipeline.tracking_sink` sends them from a thread and journals what it cannot send,
+`pipeline.tracking_journal`).
+
 Lineage (upstream run, dataset, fingerprint tags and the chain walk) is in `pipeline.lineage`;
 model registration in `pipeline.registry`.
 """
@@ -14,10 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -45,7 +53,20 @@ ERROR_TAG = "pipeline.error"  # the one-line error of a FAILED run
 RESUMES_TAG = "pipeline.resumes"  # how many times an interrupted run was continued
 SUPERSEDED_TAG = "pipeline.superseded_by"  # on a stale run ended KILLED: the run that took over
 SPEC_TAG = "pipeline.spec_digest"  # a job run's resolved spec + stage selection: the same job again
+STOPPED_TAG = "pipeline.stopped_by"  # on a run ended KILLED because the driver could not go on (one line)
 REACHABILITY_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 2.0  # one /health probe while the server is away
+PROBE_EVERY_S = 3.0
+# MLflow's HTTP client defaults to 7 retries with exponential backoff and a 120 s timeout: about four
+# minutes per call against a dead server. These bound one call to seconds (refused) or a minute (hung);
+# outages are ridden out by the driver's probing wait and the sink's journal instead. Set as defaults:
+# a value already in the environment wins.
+HTTP_SETTINGS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
 
 
 # --------------------------------------------------------------------------- where the store is
@@ -93,9 +114,120 @@ def export_credentials(username: str | None, password: SecretStr | None) -> None
         os.environ["MLFLOW_TRACKING_PASSWORD"] = password.get_secret_value()
 
 
+def bound_http_waits() -> None:
+    for key, value in HTTP_SETTINGS.items():
+        os.environ.setdefault(key, value)
+
+
+class TrackingUnavailable(PipelineError):
+    """The tracking store did not answer within the driver's outage wait."""
+
+
+def is_outage(err: BaseException) -> bool:
+    """True when `err` says the store could not be reached (refused, reset, timed out, 5xx after MLflow's
+    retries, a locked or unreadable sqlite file), as opposed to the store rejecting a request."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, TrackingUnavailable | requests.ConnectionError | requests.Timeout | ConnectionError
+                      | TimeoutError):
+            return True
+        text = str(err)
+        if type(err).__name__ == "OperationalError" or any(
+                marker in text for marker in ("Max retries exceeded", "Connection refused", "Connection aborted",
+                                              "timeout exception", "Read timed out", "RemoteDisconnected",
+                                              "too many 5", "Connection reset")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def answers(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """One quick probe: does the store answer now? (Anything but http(s) is a local store: yes.)"""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+class _Outage:
+    """Per store, in one process: whether the driver already gave up waiting for it (later calls then
+    fail at once instead of each waiting again), and the console lines said once per outage."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.gave_up = False
+
+    def ride_out(self, uri: str, wait_s: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = fn(*args, **kwargs)
+            self.gave_up = False  # it answers again
+            return result
+        except Exception as err:
+            if not is_outage(err):
+                raise
+            first = err
+        reason = outage_reason(first)
+        if self.gave_up:
+            raise TrackingUnavailable(f"MLflow tracking server {uri} unreachable ({reason})") from None
+        with self.lock:
+            logger.warning("MLflow tracking server %s is not answering (%s): waiting up to %.0f s for it",
+                           uri, reason, wait_s)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                if answers(uri):
+                    try:
+                        result = fn(*args, **kwargs)
+                    except Exception as err:
+                        if not is_outage(err):
+                            raise
+                        reason = outage_reason(err)
+                    else:
+                        logger.info("MLflow tracking server %s answers again", uri)
+                        return result
+                time.sleep(PROBE_EVERY_S)
+            self.gave_up = True
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} unreachable for {wait_s:.0f} s ({reason})") from None
+
+
+_OUTAGES: dict[str, _Outage] = {}
+
+
+def outage_reason(err: BaseException) -> str:
+    """`ConnectionRefusedError` rather than MLflow's 300-character wrapper of urllib3's message."""
+    text = str(err)
+    for marker in ("Connection refused", "Read timed out", "RemoteDisconnected", "Connection reset",
+                   "too many 5", "database is locked"):
+        if marker in text:
+            return marker
+    return f"{type(err).__name__}: {text.splitlines()[0][:120] if text else ''}"
+
+
+class _PatientClient:
+    """An MlflowClient whose every call rides out an outage of the server (the driver's client)."""
+
+    def __init__(self, client: MlflowClient, uri: str, wait_s: float) -> None:
+        self._client, self._uri, self._wait_s = client, uri, wait_s
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        outage = _OUTAGES.setdefault(self._uri, _Outage())
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return outage.ride_out(self._uri, self._wait_s, attr, *args, **kwargs)
+
+        return call
+
+
 def prepare(settings: MlflowSettings) -> Tracker:
     """In the driver, before any worker starts: check the store, create the DB and experiment once."""
     uri = resolve_tracking_uri(settings)
+    bound_http_waits()
     export_credentials(settings.username, settings.password)
     auth = None
     if settings.username and settings.password is not None:
@@ -132,13 +264,22 @@ class Tracker:
     experiment_id: str
     username: str | None = None
     password: SecretStr | None = field(default=None, repr=False)
+    # the driver's tracker waits this long for a server that stopped answering (0: fail at once)
+    outage_wait_s: float = 0.0
+    # where what could not be sent is journaled (pipeline.tracking_journal); None: a temp folder
+    journal_dir: str | None = None
 
     @property
     def client(self) -> MlflowClient:
         export_credentials(self.username, self.password)  # a fresh worker process needs them too
+        bound_http_waits()
         if self.tracking_uri not in _CLIENTS:
             _CLIENTS[self.tracking_uri] = MlflowClient(self.tracking_uri)
-        return _CLIENTS[self.tracking_uri]
+        client = _CLIENTS[self.tracking_uri]
+        return _PatientClient(client, self.tracking_uri, self.outage_wait_s) if self.outage_wait_s else client
+
+    def with_settings(self, **changes: Any) -> Tracker:
+        return replace(self, **changes)
 
     # ----------------------------------------------------------------------- run lifecycle
 
@@ -221,12 +362,18 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-        """One batched call for a dict of scalars (floats, ints, 0-d tensors) at one step."""
-        now = int(time.time() * 1000)
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0,
+                    timestamp_ms: int | None = None) -> None:
+        """One batched call for a dict of scalars (floats, ints, 0-d tensors) at one step; `timestamp_ms`:
+        when the step happened (a journaled step sent later keeps its time), default now."""
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         entries = [Metric(str(k), _scalar(k, v), now, int(step)) for k, v in metrics.items()]
         if entries:
             self.client.log_batch(run_id, metrics=entries)
+
+    def metric_history_steps(self, run_id: str, keys: list[str]) -> dict[str, set[int]]:
+        """Every step a run already has, per key (for sending a journal exactly once)."""
+        return {key: {m.step for m in self.client.get_metric_history(run_id, key)} for key in keys}
 
     # ----------------------------------------------------------------------- files
 

@@ -4,6 +4,12 @@ A backend launches one stage on every rank and returns rank 0's StageResult:
 - `RayBackend` (ray_backend.py): a Ray Train TorchTrainer per stage, from a driver process;
 - `LocalBackend` (local_backend.py): the processes torchrun / accelerate launch started; rank 0 runs
   this loop and the other ranks follow it.
+
+One live driver per job: the job run carries a lease (lease.py) its driver refreshes; another driver
+of the same job refuses unless that lease is stale. The driver's MLflow calls ride out a tracking
+server outage for up to OUTAGE_WAIT_S; if the server stays away, what could not be written (unsent
+metrics, the runs' ends) is in the journal (pipeline.tracking_journal), which the next run of the job
+sends before it continues the runs.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ from typing import Protocol
 
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline import lineage, tracking
+from pipeline import lineage, tracking, tracking_journal
 from pipeline.config import JobConfig, flatten_params, resolved_dict
+from pipeline.errors import PipelineError
 from pipeline.fingerprint import stage_fingerprint
+from pipeline.runner import lease
 from pipeline.runner.context import StageLaunch
 from pipeline.runner.datasets import Datasets, resolve_datasets
 from pipeline.runner.preflight import check_job
@@ -59,6 +67,8 @@ _OPEN_RUNS: list[tuple[object, str]] = []  # (tracker, run id) of this driver's 
 _WATCHING = False
 _WAKEUP: list[socket.socket] = []
 STOP_GRACE_S = 10.0  # after SIGTERM, how long the main thread may take to unwind before the process exits
+# how long the driver waits for a tracking server that stopped answering before the job gives up
+OUTAGE_WAIT_S = float(os.environ.get("PIPELINE_MLFLOW_OUTAGE_WAIT_S", "180"))
 
 
 def _end_open_runs() -> None:
@@ -108,16 +118,19 @@ def _stop_on_sigterm() -> None:
 
 @contextmanager
 def _open(tracker, run_id: str):
-    _OPEN_RUNS.append((tracker, run_id))
+    entry = (fast(tracker), run_id)  # a signal handler must not wait out an outage
+    _OPEN_RUNS.append(entry)
     try:
         yield
     finally:
-        _OPEN_RUNS.remove((tracker, run_id))
+        _OPEN_RUNS.remove(entry)
 
 
 def ending(err: BaseException) -> tuple[str, str | None]:
     """The MLflow status an exception means, and the one-line error a FAILED run keeps."""
     if isinstance(err, (KeyboardInterrupt, StopRequested, SystemExit)):  # stopped from outside, not an error
+        return "KILLED", None
+    if isinstance(err, tracking.TrackingUnavailable):  # interrupted, not failed: the next run continues it
         return "KILLED", None
     text = str(err).strip()
     return "FAILED", f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
@@ -128,7 +141,13 @@ def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job
     """parent_run_id/tags: a sweep's cell job run is a child of the sweep's run."""
     stages = selected_stages(job, only)
     tracker = tracking.prepare(job.mlflow)  # fails fast on an unreachable server, creates the DB once
+    tracker = tracker.with_settings(outage_wait_s=OUTAGE_WAIT_S,
+                                    journal_dir=tracking_journal.default_dir(job.output_root))
     check_job(job, stages, tracker)  # what the spec names exists, before shards, Ray or trainers
+    refuse_second_driver(tracker, job, stages)  # before Ray, shards or trainers too
+    sent = tracking_journal.replay(tracker, tracker.journal_dir, orphans=True)  # what an earlier run could not send
+    if sent:
+        logger.info("sent %d MLflow records an earlier run of the job had kept in %s", sent, tracker.journal_dir)
     backend.start(job)
     _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler (sys.exit)
     datasets = resolve_datasets(job, build=True, shard_workers=backend.shard_workers)
@@ -138,14 +157,58 @@ def run_job(job: JobConfig, backend: Backend, only: list[str] | None = None, job
     job_run_id = open_job_run(tracker, job, stages, tags)
     outcome = JobOutcome(job_run_id, tracker.tracking_uri)
     try:
-        with _open(tracker, job_run_id):
+        with _open(tracker, job_run_id), lease.Heartbeat(fast(tracker), job_run_id):
             for name in stages:
                 outcome.stages[name] = run_stage(job, name, tracker, job_run_id, datasets, outcome.stages, backend)
     except BaseException as err:
-        tracker.finish_run(job_run_id, *ending(err))
+        end_run(tracker, job_run_id, err)
+        if isinstance(err, tracking.TrackingUnavailable):
+            raise PipelineError(f"{err}: job {job.name} could not complete; its runs are left to be continued, "
+                                f"and what was not written is kept in {tracker.journal_dir} for the next run of "
+                                "the job to send") from None
         raise
-    tracker.finish_run(job_run_id, "FINISHED")
+    try:
+        tracker.finish_run(job_run_id, "FINISHED")
+    except tracking.TrackingUnavailable as err:
+        tracking_journal.Journal(tracker.journal_dir, job_run_id).end("FINISHED")
+        raise PipelineError(f"job {job.name}: every stage finished, but the job run {job_run_id} could not be "
+                            f"ended ({err}); its end is kept in {tracker.journal_dir} for the next run of the job "
+                            "to write") from None
     return outcome
+
+
+def fast(tracker):
+    """The same store without the outage wait: for signal handlers, the heartbeat and the stage's ranks."""
+    return tracker.with_settings(outage_wait_s=0.0)
+
+
+def end_run(tracker, run_id: str, err: BaseException) -> None:
+    """End a run with the status `err` means; with the server away, journal the end instead."""
+    status, error = ending(err)
+    try:
+        tracker.finish_run(run_id, status, error)
+    except Exception as finish_err:  # noqa: BLE001 - the original error is what the user must see
+        if not tracking.is_outage(finish_err):
+            logger.warning("run %s could not be ended %s: %s", run_id, status, finish_err)
+            return
+        journal = tracking_journal.Journal(tracker.journal_dir, run_id)
+        if error:
+            journal.tags({tracking.ERROR_TAG: error})
+        reason = str(err).splitlines()[0] if isinstance(err, tracking.TrackingUnavailable) else None
+        journal.end(status, reason)
+        logger.info("run %s: its end (%s) is kept in %s", run_id, status, journal.path)
+
+
+def refuse_second_driver(tracker, job: JobConfig, stages: list[str]) -> None:
+    """One line naming the live job run and its driver when another driver runs this job now."""
+    for run in _job_runs(tracker, job, spec_digest(job, stages)):
+        lease.refuse_if_live(run, f"job {job.name}")
+
+
+def _job_runs(tracker, job: JobConfig, digest: str) -> list:
+    found = tracker.interrupted_runs(f"tags.`{tracking.JOB_TAG}` = '{_quoted(job.name)}' "
+                                     f"and tags.`{tracking.SPEC_TAG}` = '{digest}'")
+    return [r for r in found if tracking.STAGE_TAG not in r.data.tags]
 
 
 def run_stage(job: JobConfig, name: str, tracker, job_run_id: str, datasets: Datasets,
@@ -159,12 +222,15 @@ def run_stage(job: JobConfig, name: str, tracker, job_run_id: str, datasets: Dat
     run_id = open_stage_run(tracker, job_run_id, job, plan, datasets)
     try:
         with _open(tracker, run_id):
-            result = backend.launch(job, plan, StageLaunch(name, run_id, plan.inputs, plan.output_url, tracker))
+            launch = StageLaunch(name, run_id, plan.inputs, plan.output_url, fast(tracker))
+            result = backend.launch(job, plan, launch)
+            # what rank 0 could not send (a server outage during the stage), before the run is ended
+            tracking_journal.replay(tracker, tracker.journal_dir, [run_id])
             record_result(tracker, run_id, name, result, job)
+            tracker.finish_run(run_id, "FINISHED")
     except BaseException as err:
-        tracker.finish_run(run_id, *ending(err))
+        end_run(tracker, run_id, err)
         raise
-    tracker.finish_run(run_id, "FINISHED")
     return StageOutcome(name, plan.fingerprint, run_id, result, skipped=False)
 
 
@@ -176,14 +242,26 @@ def spec_digest(job: JobConfig, stages: list[str]) -> str:
 def open_job_run(tracker, job: JobConfig, stages: list[str], tags: dict[str, str]) -> str:
     """The job's parent run: an interrupted run of the same spec is continued (same id), else a new one."""
     digest = spec_digest(job, stages)
-    interrupted = tracker.interrupted_runs(f"tags.`{tracking.JOB_TAG}` = '{_quoted(job.name)}' "
-                                           f"and tags.`{tracking.SPEC_TAG}` = '{digest}'")
-    interrupted = [r for r in interrupted if tracking.STAGE_TAG not in r.data.tags]
+    what = f"job {job.name}"
+    interrupted = _job_runs(tracker, job, digest)
+    for run in interrupted:  # a driver that started since refuse_second_driver looked
+        lease.refuse_if_live(run, what)
     if interrupted:
         run_id = _continue(tracker, interrupted)
+        lease.take(tracker, run_id, what)
         logger.info("continuing the interrupted job run %s", run_id)
         return run_id
-    return tracker.start_job_run(job.name, flatten_params(job), tags={**tags, tracking.SPEC_TAG: digest})
+    run_id = tracker.start_job_run(job.name, flatten_params(job), tags={**tags, tracking.SPEC_TAG: digest})
+    lease.take(tracker, run_id, what)
+    # two drivers that both found nothing opened a run each: the older run keeps the job
+    ours = tracker.get_run(run_id).info
+    for run in _job_runs(tracker, job, digest):
+        other = lease.held(run)
+        if (run.info.run_id != run_id and other is not None and not other.mine() and other.live()
+                and (run.info.start_time, run.info.run_id) < (ours.start_time, run_id)):
+            _supersede(tracker, [tracker.get_run(run_id)], run.info.run_id)
+            lease.refuse_if_live(run, what)
+    return run_id
 
 
 def open_stage_run(tracker, job_run_id: str, job: JobConfig, plan: StagePlan, datasets: Datasets) -> str:
@@ -195,6 +273,11 @@ def open_stage_run(tracker, job_run_id: str, job: JobConfig, plan: StagePlan, da
     interrupted = tracker.interrupted_runs(f"tags.`{tracking.STAGE_TAG}` = '{name}' "
                                            f"and tags.{lineage.FINGERPRINT} = '{plan.fingerprint}'")
     ours = [r for r in interrupted if r.data.tags.get(MLFLOW_PARENT_RUN_ID) == job_run_id]
+    for run in interrupted:  # another job's driver training this stage into the same folder right now
+        parent = run.data.tags.get(MLFLOW_PARENT_RUN_ID)
+        if run.info.status == "RUNNING" and parent and parent != job_run_id:
+            lease.refuse_if_live(tracker.get_run(parent), f"stage {name} (fingerprint {plan.fingerprint[:12]}, "
+                                 f"output {plan.output_url})")
     if ours:
         run_id = _continue(tracker, ours)
         logger.info("stage %s: continuing the interrupted MLflow run %s", name, run_id)

@@ -20,6 +20,7 @@ from pipeline.runner.job import JobOutcome, run_job
 from pipeline.runner.resolve import StagePlan
 from pipeline.stages.context import StageResult
 from pipeline.stages.table import STAGES
+from pipeline.tracking_sink import close_sinks
 from pipeline.train.collectives import barrier, broadcast_from_rank0
 from pipeline.train.distributed import init_distributed
 
@@ -53,7 +54,10 @@ def run_here(job: JobConfig, launch: StageLaunch, rank: int, world_size: int, lo
     os.makedirs(work_dir, exist_ok=True)
     ctx = build_context(launch, rank=rank, world_size=world_size, local_rank=local_rank, work_dir=work_dir,
                         marker_dir=work_dir)
-    return STAGES[launch.stage].run(job, launch.inputs, ctx)
+    try:
+        return STAGES[launch.stage].run(job, launch.inputs, ctx)
+    finally:
+        close_sinks()  # rank 0's queued metrics: sent (bounded wait) or journaled before the run is ended
 
 
 def run_local(job: JobConfig, only: list[str] | None = None, job_file: str | None = None) -> JobOutcome | None:

@@ -32,6 +32,7 @@ from pipeline.runner.context import FAULT_ENV, StageLaunch, build_context
 from pipeline.runner.resolve import StagePlan
 from pipeline.stages.context import StageResult
 from pipeline.stages.table import STAGES
+from pipeline.tracking_sink import close_sinks
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             write_json(join_url(launch.output_url, RESULT_FILE), result.__dict__)
     finally:
+        close_sinks()  # rank 0's queued metrics: sent (bounded wait) or journaled for the driver
         shutil.rmtree(work_dir, ignore_errors=True)  # the resume state lives in Ray's storage
 
 
@@ -158,7 +160,10 @@ class RayBackend:
         fatal = join_url(launch.output_url, FATAL_FILE)
         for attempt in itertools.count(1):
             _remove(fatal)
-            launch.tracker.set_tags(launch.run_id, {"pipeline.attempts": str(attempt)})
+            try:
+                launch.tracker.set_tags(launch.run_id, {"pipeline.attempts": str(attempt)})
+            except Exception as err:  # noqa: BLE001 - a count for the record; the stage goes on without it
+                logger.warning("stage %s: could not record attempt %d in MLflow: %s", plan.stage, attempt, err)
             logger.info("stage %s: %d Ray Train workers, trial %s, attempt %d", plan.stage, scaling.num_workers,
                         plan.trial_name, attempt)
             try:
