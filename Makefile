@@ -4,7 +4,7 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-slow test-all lint quickstart ablations bench clean
+.PHONY: setup test test-slow test-all test-torch211 lint quickstart ablations bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,17 @@ test-slow: setup
 
 test-all: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# The compile tests on torch 2.11 (the GPU image's torch), in a throwaway CPU venv outside the repo
+# (~5 GB with torch's CUDA libraries, about a minute to install): not part of CI.
+VENV211     ?= /tmp/venv211
+TORCH211    := torch==2.11.0 torchvision==0.26.0
+test-torch211:
+	test -x $(VENV211)/bin/python || $(PY) -m venv $(VENV211)
+	$(VENV211)/bin/python -c "import sys, torch; sys.exit(not torch.__version__.startswith('2.11.'))" 2>/dev/null || \
+		$(VENV211)/bin/python -m pip install $(TORCH211) timm pillow pytest pytest-timeout
+	OMP_NUM_THREADS=1 $(VENV211)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/models/test_compile_counts.py tests/models/test_compile.py
 
 lint: setup
 	$(BIN)/ruff check models pipeline tests benchmarks

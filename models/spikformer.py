@@ -30,7 +30,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
-from timm.layers.drop import drop_path as _timm_drop_path
 from timm.models import register_model
 from torch import nn
 
@@ -228,7 +227,10 @@ class _MaskedNormalize(torch.autograd.Function):
         weight = torch.ones_like(mean) if weight is None else weight.to(stats)
         bias_used = bias is not None
         bias = None if bias is None else bias.to(stats)
-        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps).mul_(m.to(x.dtype))
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        # in place saves an allocation in eager mode; traced, torch 2.11's AOTAutograd gives every input
+        # of a Function whose forward mutates its output a zero gradient (2.14 does not): out of place there
+        out = out * m.to(x.dtype) if torch.compiler.is_compiling() else out.mul_(m.to(x.dtype))
         ctx.save_for_backward(x, m, mean, torch.rsqrt(var + eps), weight, count)
         ctx.eps, ctx.bias_used = eps, bias_used
         return out
@@ -321,19 +323,39 @@ class MaskedBatchNorm2d(_VisibleStatsMixin, nn.BatchNorm2d):
 
 
 class TimeDropPath(nn.Module):
-    """Stochastic depth per sample for [T, B, ...] tensors (timm's drop_path drops along dim 0)."""
+    """Stochastic depth per sample for [T, B, ...] tensors: in training each sample's branch is zeroed with
+    probability ``drop_prob`` and the others are scaled by 1 / (1 - drop_prob) (timm's drop_path, along B).
 
-    def __init__(self, drop_prob: float = 0.0) -> None:
+    The rate lives in a tensor (a non-persistent float32 buffer), not in a Python float: torch.compile
+    specialises on Python attributes, so blocks with different stochastic-depth rates would each need
+    their own compiled copy of any frame that resumes inside a block (torch 2.11 hit its recompile limit
+    that way); a tensor's value is no guard. The one Python switch is ``enabled`` (default
+    ``drop_prob > 0``); a model passes the same value to all its blocks, so it guards alike everywhere.
+    """
+
+    def __init__(self, drop_prob: float = 0.0, enabled: bool | None = None) -> None:
         super().__init__()
-        self.drop_prob = drop_prob
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = float(drop_prob)
+        self.enabled = drop_prob > 0.0 if enabled is None else bool(enabled)
+        self.register_buffer("rate", torch.tensor(self.drop_prob, dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .bfloat16() / .half() (DeepSpeed's bf16 engine) would round the rate: keep it float32, on the new device
+        super()._apply(fn, recurse)
+        self.rate = torch.tensor(self.drop_prob, dtype=torch.float32, device=self.rate.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
+        if not (self.enabled and self.training):
             return x
-        return _timm_drop_path(x.transpose(0, 1), self.drop_prob, self.training).transpose(0, 1)
+        keep = 1.0 - self.rate
+        draw = torch.rand((1, x.shape[1], *(1,) * (x.dim() - 2)), device=x.device) < keep  # per sample
+        return x * (draw.to(keep.dtype) / keep).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"drop_prob={self.drop_prob}"
+        return f"drop_prob={self.drop_prob}, enabled={self.enabled}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -505,6 +527,15 @@ class SCS(SPS):
 # --------------------------------------------------------------------------------------------------
 
 
+def _no_autocast(device_type: str):
+    """Autocast off for ``device_type`` where it is on. ``torch.is_autocast_enabled`` traces under every
+    torch.compile we support; ``torch.amp.is_autocast_available`` does not on torch 2.11 (a graph break in
+    every block). Meta tensors (FLOP counting) have no autocast state to ask about."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """(Q K^T V)^T * scale per head for spike tensors q, k, v [..., d, N] (K^T V first: no N x N).
 
@@ -513,9 +544,7 @@ def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     above 256, which would move attention spikes. The result is float32 (float64 for float64 input).
     """
     dtype = torch.promote_types(q.dtype, torch.float32)
-    device = q.device.type
-    off = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else contextlib.nullcontext()
-    with off:
+    with _no_autocast(q.device.type):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         kv = k @ v.transpose(-1, -2)  # [..., d, d] = (K^T V) per head
         return (kv.transpose(-1, -2) @ q) * scale  # [..., d, N] = (Q K^T V)^T
@@ -667,6 +696,7 @@ class Block(nn.Module):
         attn_v_threshold: float = 0.5,
         lif_kwargs: dict | None = None,
         attention: str = "ssa",
+        drop_path_enabled: bool | None = None,
     ) -> None:
         super().__init__()
         if attention == "ssa":
@@ -676,7 +706,7 @@ class Block(nn.Module):
         else:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.mlp = MLP(dim, int(dim * mlp_ratio), lif_kwargs)
-        self.drop_path = TimeDropPath(drop_path)
+        self.drop_path = TimeDropPath(drop_path, drop_path_enabled)
 
     def forward(self, x: torch.Tensor, mask: VisibleMask | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(x, mask))
@@ -754,7 +784,8 @@ class Spikformer(nn.Module):
         self.patch_stride = self.patch_embed.stride
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.block = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, rate, attn_scale, attn_v_threshold, lif_kwargs, attention)
+            Block(embed_dim, num_heads, mlp_ratio, rate, attn_scale, attn_v_threshold, lif_kwargs, attention,
+                  drop_path_enabled=drop_path_rate > 0)  # one switch for all blocks: one compile guard
             for rate in rates
         )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
