@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import pickle
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -177,8 +178,6 @@ def free_bytes(path: str) -> int | None:
     while path and not os.path.exists(path):
         path = os.path.dirname(path)
     try:
-        import shutil
-
         return shutil.disk_usage(path or ".").free
     except OSError:
         return None
