@@ -106,18 +106,23 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
         job, settings, inputs, engine.module.encoder, rank=trainer.rank, world_size=trainer.world_size,
         device=engine.device, dtype=engine.compute_dtype)
 
+    timer = engine.timer  # the loop's sections (pipeline.train.timers): time/reconstruction, time/knn
+
     def after_step(out, batch) -> None:
         last_images[:] = [batch[0]]
         if out.step % settings.reconstruction_every_steps == 0:
-            grids.log(batch[0], f"reconstruction_step{out.step:07d}.png")
+            with timer.section("reconstruction"):
+                grids.log(batch[0], f"reconstruction_step{out.step:07d}.png")
         if monitor is not None and (out.step % settings.knn_every_steps == 0 or engine.finished):
-            ctx.log_metrics(monitor.evaluate(out.step, estimate_bn=estimate_bn), out.step)
+            with timer.section("knn"):
+                ctx.log_metrics(monitor.evaluate(out.step, estimate_bn=estimate_bn), out.step)
 
     hooks.after_step = after_step
     trainer.resume()
     outside_fit = 0.0
     if monitor is not None and engine.step == 0:
-        ctx.log_metrics(monitor.evaluate(0, estimate_bn=estimate_bn), 0)  # the random encoder
+        with timer.section("knn"):
+            ctx.log_metrics(monitor.evaluate(0, estimate_bn=estimate_bn), 0)  # the random encoder
         outside_fit = monitor.seconds
     trainer.fit()
     trainer.save_final()
@@ -130,7 +135,8 @@ def run(job: JobConfig, inputs: StageInputs, ctx: StageContext) -> StageResult:
     if not last_images:  # resumed after the last step: draw from the epoch's first batch
         last_images.append(trainer.first_batch()[0])
     grid_path = os.path.join(ctx.work_dir, "artifacts", "reconstruction_final.png")
-    final_grid = grids.log(last_images[0], "reconstruction_final.png")
+    with timer.section("reconstruction"):
+        final_grid = grids.log(last_images[0], "reconstruction_final.png")
     if trainer.rank == 0:
         os.makedirs(os.path.dirname(grid_path), exist_ok=True)
         final_grid.save(grid_path)

@@ -18,14 +18,31 @@ Decisions
 - Optimizer: torch AdamW as a client optimizer over timm param groups (pipeline.train.optim); DeepSpeed's
   fused/CPU Adam would compile C++ first. The timm cosine schedule is stepped by the engine once
   per optimizer step (never per micro-step) and its state travels in the checkpoint's client_state.
-- One `train_step` call = one optimizer step over `grad_accum_steps` micro-batches. Each step
-  all-reduces one small vector (non-finite flag, loss, images, skipped samples): a NaN/inf loss on any
-  rank raises PipelineError on all ranks before the optimizer step, and the engine refuses to save
-  afterwards, so the last good checkpoint stays `latest`.
+- One `train_step` call = one optimizer step over `grad_accum_steps` micro-batches. No step reads
+  the device from the host outside log steps (tests/models/test_host_sync.py counts them): each step
+  all-reduces its [non-finite flag, loss] on the device and keeps the result there; log steps, the
+  last step and every checkpoint read all pending ones at once. A NaN/inf loss on any rank then
+  raises PipelineError on all ranks naming the step it happened at; the steps after it (at most a
+  log interval, with weights the bad step may have spoiled) are never saved: `save_checkpoint`
+  reads the pending flags first and refuses, so the last good checkpoint stays `latest`. The loss
+  curve is filled at those reads (`StepOutput.losses`, `read_losses`).
+- DeepSpeed's own per-step host reads: ZeRO 1-2 checks bf16 gradients for overflow with a host read
+  (`bf16.check_grad_overflow`, on by default), turned off here because the loss guard above covers
+  it (a non-finite gradient gives a non-finite loss one step later, before any save); gradient
+  clipping (`grad_clip`) reads the global norm on the host every step and cannot be turned off
+  except by not clipping (deepspeed 0.19 `unscale_and_clip_grads`).
+- Firing rates (`firing_rate_train/<layer>`, every loop.firing_rate_every_steps and at the last
+  step): the mean spike count per element of every LIF layer's output during that step's own
+  training forward (train-mode BatchNorm, the MIM-masked input), recorded by hooks
+  (`models.energy.FiringRateProbe`) and read at the end of the step. Hooks added to a compiled
+  module do not fire (torch.compile does not see them), so with `deepspeed.compile` that one step
+  runs eagerly (`torch.compiler.set_stance("force_eager")`).
 - `deepspeed.compile: true` compiles the module inside the engine (`DeepSpeedEngine.compile()`,
-  torch.compile with Inductor, in place); the firing-rate probe then runs eagerly. Off by default:
-  it is measured faster on CPU for the tiny model's pretraining (docs/BENCHMARKS.md), but no GPU
-  measurement exists yet.
+  torch.compile with Inductor, in place). Off by default: it is measured faster on CPU for the tiny
+  model's pretraining (docs/BENCHMARKS.md), but no GPU measurement exists yet.
+- Where the time goes: `timer` (pipeline.train.timers.LoopTimer) times the step's sections (h2d,
+  forward_backward, step_stats, optimizer, log, firing_rate; the trainer adds data_wait, hooks,
+  checkpoint); log steps report them as `time/<section>` seconds per step.
 - BatchNorm running statistics: DeepSpeed (unlike torch DDP) never syncs buffers, so every rank's
   running mean/var drift apart, and a checkpoint keeps only rank 0's. Before every checkpoint and
   export the engine averages them over ranks (timm's `distribute_bn(reduce=True)`), so all ranks
@@ -39,7 +56,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import deepspeed
@@ -56,13 +73,16 @@ from pipeline.train.distributed import init_distributed
 from pipeline.train.export import write_export
 from pipeline.train.metrics import IntervalMeter, peak_memory_mb
 from pipeline.train.optim import build_optimizer, build_scheduler, resolve_lr, schedule_length
+from pipeline.train.timers import LoopTimer
 
 logger = logging.getLogger(__name__)
 
-# (model, batch) -> loss, or (loss, {name: float}) for extra metrics averaged over the log interval.
-LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, Mapping[str, float]]"]
-# (module, batch) -> {layer name: firing rate}; called in eval mode under no_grad on every rank.
-FiringRateFn = Callable[[torch.nn.Module, Any], Mapping[str, float]]
+# (model, batch) -> loss, or (loss, {name: float or 0-d tensor}) for extra metrics averaged over the log
+# interval (tensors stay on the device until the log step reads them).
+LossFn = Callable[[Any, Any], "torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]"]
+# module -> a probe: a context manager around the step's forward passes whose `rates()` then gives
+# {layer name: firing rate} (models.energy.FiringRateProbe); every rank runs it.
+FiringRateFn = Callable[[torch.nn.Module], Any]
 
 _RESERVED_STATE = {"step", "epoch", "batch_in_epoch", "rng", "scheduler", "world_size", "global_batch"}
 
@@ -79,7 +99,8 @@ def deepspeed_config(ds: DeepSpeedSettings, loop: LoopSettings, world_size: int)
         "train_batch_size": loop.batch_size * loop.grad_accum_steps * world_size,
         "gradient_clipping": ds.grad_clip or 0.0,
         "zero_optimization": {"stage": ds.zero_stage},
-        "bf16": {"enabled": use_bf16(ds)},
+        # the loss guard covers overflow; DeepSpeed's check reads the device every step (module docstring)
+        "bf16": {"enabled": use_bf16(ds), "check_grad_overflow": False},
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
@@ -112,16 +133,12 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
 
 
 def default_firing_rates() -> FiringRateFn | None:
-    """`models.energy.firing_rates` applied to the batch's images (first tensor), if models provides it."""
+    """`models.energy.FiringRateProbe` (training-forward rates), if the models package provides it."""
     try:
-        from models.energy import firing_rates
+        from models.energy import FiringRateProbe
     except ImportError:
         return None
-
-    def rates(module: torch.nn.Module, batch: Any) -> Mapping[str, float]:
-        return firing_rates(module, _first_tensor(batch))
-
-    return rates
+    return FiringRateProbe
 
 
 # --------------------------------------------------------------------------- engine
@@ -130,8 +147,17 @@ def default_firing_rates() -> FiringRateFn | None:
 @dataclass
 class StepOutput:
     step: int  # optimizer steps completed (1 after the first call)
-    loss: float  # this step's loss, averaged over micro-batches and ranks
     metrics: dict[str, float] | None  # filled at log steps (every loop.log_every_steps), else None
+    # (step, loss) of the steps whose statistics this step read (log steps: those since the last read)
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    _stats: torch.Tensor | None = field(default=None, repr=False)  # [non-finite ranks, loss sum] on the device
+    _divisor: int = 1
+
+    @property
+    def loss(self) -> float:
+        """This step's loss, averaged over micro-batches and ranks. Reads the device (a host sync):
+        for tests and tools; the loop takes `losses` at log steps instead."""
+        return float(self._stats[1]) / self._divisor if self._stats is not None else float("nan")
 
 
 class TrainEngine:
@@ -167,6 +193,9 @@ class TrainEngine:
         self.last_checkpoint: str | None = None
         self._failed_step: int | None = None
         self._meter = IntervalMeter()
+        self.timer = LoopTimer(self.device)
+        self._pending: list[tuple[int, torch.Tensor]] = []  # (step, [non-finite ranks, loss sum]) not read yet
+        self._read: list[tuple[int, float]] = []  # read, not yet handed out by read_losses()
 
     # ----------------------------------------------------------------- properties
 
@@ -191,7 +220,7 @@ class TrainEngine:
         """Forward/backward over `grad_accum_steps` micro-batches, then one optimizer step.
 
         `skipped_samples` is this rank's running count of samples the loader dropped (bad images);
-        the metrics report its sum over ranks.
+        the metrics report its sum over ranks. Outside log steps nothing here reads the device.
         """
         if self._failed_step is not None:
             raise PipelineError(f"training already stopped at step {self._failed_step} (non-finite loss)")
@@ -201,88 +230,111 @@ class TrainEngine:
                 f"{self.loop.grad_accum_steps}"
             )
         started = time.perf_counter()
+        timer = self.timer
         step_number = self.step + 1
+        last = step_number >= self.total_steps
+        log_step = step_number % self.loop.log_every_steps == 0 or last
+        probe = None
+        if self.firing_rate_fn is not None and (step_number % self.loop.firing_rate_every_steps == 0 or last):
+            probe = self.firing_rate_fn(self.ds.module)
         float_dtype = self.compute_dtype if self.compute_dtype != torch.float32 else None
         losses, images, aux = [], 0, {}
-        first_batch = None
-        for i, batch in enumerate(micro_batches):
-            batch = _to_device(batch, self.device, float_dtype)
-            first_batch = batch if first_batch is None else first_batch
-            result = self.loss_fn(self.ds, batch)
-            loss, aux = result if isinstance(result, tuple) else (result, aux)
-            self.ds.backward(loss)
-            losses.append(loss.detach().float())
-            first = _first_tensor(batch)
-            images += first.shape[0] if first is not None else 0
-            if i < len(micro_batches) - 1:
-                self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
-        loss_sum = torch.stack(losses).sum()
-        stats = torch.stack(
-            [
-                (~torch.isfinite(loss_sum)).to(torch.float64),
-                torch.nan_to_num(loss_sum.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0),
-                torch.tensor(float(images), dtype=torch.float64, device=loss_sum.device),
-                torch.tensor(float(skipped_samples), dtype=torch.float64, device=loss_sum.device),
-            ]
-        )
-        stats = collectives.all_reduce_sum(stats)
-        bad_ranks, loss_total, images_total, skipped_total = stats.tolist()
-        if bad_ranks > 0:
-            self._failed_step = step_number
-            raise PipelineError(
-                f"non-finite loss (nan/inf) at step {step_number} on {int(bad_ranks)} of {self.world_size} "
-                f"rank(s); stopped without saving. Last good checkpoint: {self.last_checkpoint or 'none'}"
-            )
-        grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 else None
-        self.ds.step()  # the boundary: clip, optimizer step
-        self.step = step_number
-        self.scheduler.step_update(self.step)
-        step_loss = loss_total / (self.world_size * len(micro_batches))
-        self._meter.add(
-            loss=step_loss,
-            images=images_total,
-            compute_s=time.perf_counter() - started,
-            aux={k: float(v) for k, v in aux.items()},
-        )
-        return StepOutput(step=self.step, loss=step_loss, metrics=self._metrics(first_batch, grad_norm, skipped_total))
+        with self._probing(probe):
+            for i, batch in enumerate(micro_batches):
+                with timer.section("h2d", device=True):
+                    batch = _to_device(batch, self.device, float_dtype)
+                with timer.section("forward_backward" if probe is None else "forward_backward_probe", device=True):
+                    result = self.loss_fn(self.ds, batch)
+                    loss, aux = result if isinstance(result, tuple) else (result, aux)
+                    self.ds.backward(loss)
+                    if i < len(micro_batches) - 1:
+                        self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
+                losses.append(loss.detach().float())
+                first = _first_tensor(batch)
+                images += first.shape[0] if first is not None else 0
+        with timer.section("step_stats", device=True):
+            loss_sum = torch.stack(losses).sum().to(torch.float64)
+            stats = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float64),
+                                 torch.nan_to_num(loss_sum, nan=0.0, posinf=0.0, neginf=0.0)])
+            stats = collectives.all_reduce_sum(stats)  # on the device: no host read
+        self._pending.append((step_number, stats))
+        grad_norm = self._stage0_grad_norm() if self.zero_stage == 0 and log_step else None
+        with timer.section("optimizer", device=True):
+            self.ds.step()  # the boundary: clip, optimizer step
+            self.step = step_number
+            self.scheduler.step_update(self.step)
+        metrics: dict[str, float] = {}
+        if probe is not None:
+            with timer.section("firing_rate"):
+                metrics.update({f"firing_rate_train/{k}": float(v) for k, v in probe.rates().items()})
+        timer.step_done()
+        self._meter.add(images=images, compute_s=time.perf_counter() - started, aux=aux)
+        read: list[tuple[int, float]] = []
+        if log_step:
+            with timer.section("log"):
+                read = self.read_losses()  # raises on a non-finite step
+                metrics.update(self._metrics(grad_norm, skipped_samples))
+        return StepOutput(step=self.step, metrics=metrics or None, losses=read, _stats=stats,
+                          _divisor=self.world_size * len(micro_batches))
+
+    def _probing(self, probe: Any) -> Any:
+        """The probe's hooks around the step's forward passes; a compiled module runs this step eagerly
+        (hooks added after torch.compile never fire in the compiled graph)."""
+        if probe is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if self.ds.is_compiled:
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        stack.enter_context(probe)
+        return stack
+
+    def _read_pending(self) -> None:
+        """Read every pending step's statistics in one host read; raise at the first non-finite step."""
+        if not self._pending:
+            return
+        steps = [step for step, _ in self._pending]
+        values = torch.stack([stats for _, stats in self._pending]).tolist()
+        self._pending.clear()
+        divisor = self.world_size * self.loop.grad_accum_steps
+        for step, (bad_ranks, loss_total) in zip(steps, values, strict=True):
+            if bad_ranks > 0:
+                self._failed_step = step
+                raise PipelineError(
+                    f"non-finite loss (nan/inf) at step {step} on {int(bad_ranks)} of {self.world_size} rank(s) "
+                    f"(found at step {self.step}); stopped without saving. Last good checkpoint: "
+                    f"{self.last_checkpoint or 'none'}"
+                )
+            self._read.append((step, loss_total / divisor))
+            self._meter.add_loss(loss_total / divisor)
+
+    def read_losses(self) -> list[tuple[int, float]]:
+        """(step, loss) of every step not handed out yet, oldest first (one host read of the pending
+        statistics). Raises PipelineError when one of them was non-finite. Not collective."""
+        self._read_pending()
+        out, self._read = self._read, []
+        return out
 
     def _stage0_grad_norm(self) -> float:
         # Without ZeRO, DeepSpeed does not keep the norm; grads are already averaged at this point.
         grads = [p.grad for p in self.ds.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
-    def _metrics(self, batch: Any, grad_norm: float | None, skipped_total: float) -> dict[str, float] | None:
-        metrics: dict[str, float] = {}
-        if self.step % self.loop.log_every_steps == 0 or self.finished:
-            norm = self.ds.get_global_grad_norm() if grad_norm is None else grad_norm
-            metrics.update(self._meter.summary())
-            metrics.update(
-                lr=self.current_lr(),
-                grad_norm=float(norm) if norm is not None else float("nan"),
-                peak_mem_mb=peak_memory_mb(self.device),
-                skipped_samples=skipped_total,
-                progress=self.step / self.total_steps,
-            )
-            self._meter.reset()
-        if self.firing_rate_fn is not None and self.step % self.loop.firing_rate_every_steps == 0:
-            metrics.update({f"firing_rate/{k}": float(v) for k, v in self._firing_rates(batch).items()})
-        return metrics or None
-
-    def _firing_rates(self, batch: Any) -> Mapping[str, float]:
-        # eval mode: running BN stats must not move because of a probe; every rank runs it (ZeRO-3
-        # gathers parameters collectively).
-        # Its own RNG stream too: a probe that draws (e.g. a MIM mask) must not change training.
-        module = self.ds.module
-        was_training = module.training
-        module.eval()
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        # a compiled module runs the probe eagerly: its hooks would only add recompilations
-        eager = torch.compiler.set_stance("force_eager") if self.ds.is_compiled else contextlib.nullcontext()
-        try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad(), eager:
-                return self.firing_rate_fn(module, batch)
-        finally:
-            module.train(was_training)
+    def _metrics(self, grad_norm: float | None, skipped_samples: int) -> dict[str, float]:
+        """The log step's metrics (collective: images and skipped samples are summed over ranks)."""
+        counts = torch.tensor([float(self._meter.images), float(skipped_samples)], dtype=torch.float64)
+        images_total, skipped_total = collectives.all_reduce_sum(counts).tolist()
+        norm = self.ds.get_global_grad_norm() if grad_norm is None else grad_norm
+        metrics = self._meter.summary(images_total)
+        metrics.update(
+            lr=self.current_lr(),
+            grad_norm=float(norm) if norm is not None else float("nan"),
+            peak_mem_mb=peak_memory_mb(self.device),
+            skipped_samples=skipped_total,
+            progress=self.step / self.total_steps,
+        )
+        metrics.update(self.timer.interval())
+        self._meter.reset()
+        return metrics
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -302,6 +354,8 @@ class TrainEngine:
         extra: Mapping[str, Any] | None = None,
     ) -> str:
         """Save tag `step<N>` and publish it as `latest`; returns the tag folder. Collective."""
+        with contextlib.suppress(PipelineError):
+            self._read_pending()  # a non-finite step not read yet sets _failed_step: refused below
         if self._failed_step is not None:
             raise PipelineError(f"refusing to save a checkpoint after the non-finite loss at step {self._failed_step}")
         clash = _RESERVED_STATE & set(extra or {})

@@ -1,10 +1,12 @@
-"""Throughput, step time and peak memory between two log points of a training loop."""
+"""Throughput, step time, loss and peak memory between two log points of a training loop."""
 
 from __future__ import annotations
 
 import resource
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -22,6 +24,8 @@ class IntervalMeter:
 
     `images_per_s` uses wall time since the previous log (data loading included); `step_time` is the
     mean time spent inside train_step; `data_time` is the rest (waiting for the loader, logging).
+    Per-step values that live on the device (the loss, a loss function's tensor metrics) are kept
+    there and read at `summary()`: a log step, which reads the device anyway.
     """
 
     def __init__(self) -> None:
@@ -30,27 +34,35 @@ class IntervalMeter:
     def reset(self) -> None:
         self._since = time.perf_counter()
         self._steps = 0
-        self._images = 0.0
+        self.images = 0  # this rank's images in the interval
         self._compute_s = 0.0
-        self._loss_sum = 0.0
-        self._aux: dict[str, list[float]] = {}
+        self._losses: list[float] = []
+        self._aux: dict[str, list[Any]] = {}
 
-    def add(self, *, loss: float, images: float, compute_s: float, aux: dict[str, float] | None = None) -> None:
+    def add(self, *, images: int, compute_s: float, aux: Mapping[str, Any] | None = None) -> None:
         self._steps += 1
-        self._images += images
+        self.images += images
         self._compute_s += compute_s
-        self._loss_sum += loss
         for key, value in (aux or {}).items():
-            self._aux.setdefault(key, []).append(float(value))
+            self._aux.setdefault(key, []).append(value.detach() if isinstance(value, torch.Tensor) else float(value))
 
-    def summary(self) -> dict[str, float]:
+    def add_loss(self, loss: float) -> None:
+        self._losses.append(loss)
+
+    def summary(self, images_total: float) -> dict[str, float]:
+        """The interval's averages; `images_total`: images of all ranks in the interval."""
         wall = max(time.perf_counter() - self._since, 1e-9)
         steps = max(self._steps, 1)
         out = {
-            "loss": self._loss_sum / steps,
-            "images_per_s": self._images / wall,
+            "loss": sum(self._losses) / len(self._losses) if self._losses else float("nan"),
+            "images_per_s": images_total / wall,
             "step_time": self._compute_s / steps,
             "data_time": max(wall - self._compute_s, 0.0) / steps,
         }
-        out.update({key: sum(values) / len(values) for key, values in self._aux.items()})
+        for key, values in self._aux.items():
+            tensors = [v for v in values if isinstance(v, torch.Tensor)]
+            numbers = [float(v) for v in values if not isinstance(v, torch.Tensor)]
+            if tensors:  # one device read per key
+                numbers += torch.stack([t.float().reshape(()) for t in tensors]).tolist()
+            out[key] = sum(numbers) / len(numbers)
         return out

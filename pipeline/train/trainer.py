@@ -159,7 +159,7 @@ class StageTrainer:
             micro: list[Any] = []
             batches: Iterator[Any] = iter(self.loader)
             try:
-                for images, labels in batches:
+                for images, labels in _timed(batches, engine.timer):
                     self.batch_in_epoch += 1
                     micro.append(self.hooks.prepare(images, labels) if self.hooks.prepare else (images, labels))
                     if len(micro) < accum:
@@ -180,21 +180,26 @@ class StageTrainer:
         self.train_seconds += time.perf_counter() - started
 
     def _after_step(self, out: StepOutput, batch: Any) -> None:
+        timer = self.engine.timer
         self.ctx.at_step(out.step)
-        self.loss_curve.append((out.step, out.loss))
+        self.loss_curve.extend(out.losses)  # log steps: the losses read since the last read (no per-step sync)
         if self.hooks.after_step is not None:
-            self.hooks.after_step(out, batch)
+            with timer.section("hooks"):
+                self.hooks.after_step(out, batch)
         if out.metrics:
-            self.last_metrics = {**out.metrics, "epoch": float(self.epoch)}
-            self.ctx.log_metrics(self.last_metrics, out.step)
-            if "loss" in out.metrics:  # a log step (a probe-only step, e.g. firing rates, has no progress)
-                from pipeline.console import progress_line
+            with timer.section("log"):
+                self.last_metrics = {**out.metrics, "epoch": float(self.epoch)}
+                self.ctx.log_metrics(self.last_metrics, out.step)
+                if "loss" in out.metrics:  # a log step (a probe-only step, e.g. firing rates, has no progress)
+                    from pipeline.console import progress_line
 
-                per_step = self.settings.batch_size * self.world_size * self.settings.grad_accum_steps
-                logger.info("%s", progress_line(self.stage, out.step, self.engine.total_steps, out.metrics, per_step))
+                    per_step = self.settings.batch_size * self.world_size * self.settings.grad_accum_steps
+                    logger.info("%s", progress_line(self.stage, out.step, self.engine.total_steps, out.metrics,
+                                                    per_step))
         if (self.engine.should_checkpoint() or self._checkpoint_is_due(bool(out.metrics))) and not self.engine.finished:
-            self.save()
-            self._report({**self.last_metrics, "step": float(out.step)})
+            with timer.section("checkpoint"):
+                self.save()
+                self._report({**self.last_metrics, "step": float(out.step)})
 
     # ----------------------------------------------------------------- checkpoints and reports
 
@@ -209,6 +214,7 @@ class StageTrainer:
 
     def save(self) -> str:
         """Checkpoint the current step (collective); returns the tag folder."""
+        self.loss_curve.extend(self.engine.read_losses())  # steps since the last log step; raises after a NaN
         extra = {"skipped_before": self.skipped_before, "loss_curve": self.loss_curve,
                  **(self.hooks.state() if self.hooks.state else {})}
         folder = self.engine.save_checkpoint(self.ckpt_dir, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch,
@@ -223,7 +229,8 @@ class StageTrainer:
 
     def save_final(self) -> None:
         if self.saved_step != self.engine.step:
-            self.save()
+            with self.engine.timer.section("checkpoint"):
+                self.save()
 
     def _report(self, metrics: dict[str, float]) -> None:
         """ctx.report with a folder holding only the newest tag (+ `latest`), on every rank."""
@@ -281,9 +288,28 @@ class StageTrainer:
         return sum(v for _, v in tail) / len(tail) if tail else float("nan")
 
     def summary_metrics(self) -> dict[str, float]:
+        """The stage's summary, with the loop timer's run totals: `time_total/<section>` seconds and
+        `time_count/<section>` times entered (one checkpoint save = total / count)."""
+        timing = {}
+        for name, (seconds, count) in self.engine.timer.totals().items():
+            timing[f"time_total/{name}"], timing[f"time_count/{name}"] = seconds, float(count)
         return {"final_loss": self.final_loss(), "steps": float(self.engine.step),
                 "epochs_seen": float(self.epoch) + self.batch_in_epoch / max(self.loader.batches_per_epoch, 1),
-                "train_seconds": self.train_seconds}
+                "train_seconds": self.train_seconds, **timing}
+
+
+def _timed(batches: Iterator[Any], timer: Any) -> Iterator[Any]:
+    """The loader's batches, the wait for each timed as `data_wait` (the loop's other sections are
+    timed where they run)."""
+    while True:
+        with timer.section("data_wait"):
+            batch = next(batches, _END)
+        if batch is _END:
+            return
+        yield batch
+
+
+_END = object()
 
 
 def _link_tree(src: str, dst: str) -> None:

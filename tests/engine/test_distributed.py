@@ -58,12 +58,13 @@ def test_metrics_at_log_steps(run):
             assert key in m and math.isfinite(m[key]), (step, key, m)
         assert m["images_per_s"] > 0 and m["step_time"] > 0 and m["peak_mem_mb"] > 50 and m["grad_norm"] > 0
         assert m["skipped_samples"] == 1 + 2  # each rank passed rank + 1: summed over ranks
-        has_rates = any(k.startswith("firing_rate/") for k in m)
+        has_rates = any(k.startswith("firing_rate_train/") for k in m)
         assert has_rates == (step % 8 == 0), (step, sorted(m))  # firing_rate_every_steps=8
-    # models.energy.firing_rates (the default probe): one rate per LIF layer of the model
+    # models.energy.FiringRateProbe (the default): one rate per LIF layer, from the training forward
     lif_names = {n for n, m in create_spikformer().named_modules() if isinstance(m, MultiStepLIF)}
     for step in (8, 16, 24):
-        rates = {k.removeprefix("firing_rate/"): v for k, v in metrics[step].items() if k.startswith("firing_rate/")}
+        rates = {k.removeprefix("firing_rate_train/"): v for k, v in metrics[step].items()
+                 if k.startswith("firing_rate_train/")}
         assert set(rates) == lif_names
         assert all(0 <= v <= 1 for v in rates.values()) and any(v > 0 for v in rates.values())
     # interval mean of the per-step losses

@@ -58,6 +58,6 @@ def test_compiled_engine_steps_like_the_eager_engine():
         assert got.loss == pytest.approx(expected.loss, rel=1e-4)
     # step 2's loss, equal in both engines, follows an optimizer step that did move the weights
     assert not torch.equal(twin.decoder_pred.weight, initial_pred)
-    rates = {k: v for k, v in compiled_out[1].metrics.items() if k.startswith("firing_rate/")}
+    rates = {k: v for k, v in compiled_out[1].metrics.items() if k.startswith("firing_rate_train/")}
     assert rates and rates == pytest.approx({k: eager_out[1].metrics[k] for k in rates}, rel=1e-3, abs=1e-4)
     torch._dynamo.reset()

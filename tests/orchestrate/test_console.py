@@ -102,7 +102,7 @@ def test_console_has_rank0_progress_once_per_log_step_and_no_nan(local_run):
     assert "nan" not in console.lower(), console
     # control: steps 2 and 4 did log metrics (firing rates only), the steps that printed `nan` before
     records = stage_helpers.Records(out)
-    probe = next(k for k in records.run("pretrain").data.metrics if k.startswith("firing_rate/"))
+    probe = next(k for k in records.run("pretrain").data.metrics if k.startswith("firing_rate_train/"))
     assert {step for step, _ in records.history("pretrain", probe)} >= {2, 4}
     assert "job run" in console and "finetune  ran" in console  # the summary at the end stays
 

@@ -62,7 +62,7 @@ def test_pretrain_outputs(chain):
     assert logged == [4, 8, 12]
     for key in ("grad_norm", "images_per_s", "step_time", "peak_mem_mb", "skipped_samples"):
         assert [step for step, _ in chain.history("pretrain", key)] == logged, key
-    assert any(k.startswith("firing_rate/") for k in chain.run("pretrain").data.metrics)  # at the slower interval
+    assert any(k.startswith("firing_rate_train/") for k in chain.run("pretrain").data.metrics)  # at the slower interval
     images = chain.artifacts("pretrain", "images")
     assert "images/reconstruction_step0000008.png" in images and "images/reconstruction_final.png" in images
     folder = chain.folder("pretrain")
