@@ -138,7 +138,7 @@ def plain_step(args: argparse.Namespace, device: torch.device) -> dict:
     options = argparse.Namespace(variant=args.variant, T=args.T, img=args.img_size, batch=args.batch,
                                  steps=args.steps, warmup=args.warmup,
                                  precision="bf16" if device.type == "cuda" else "fp32",
-                                 compile=args.compile, compile_backend="inductor")
+                                 compile=args.compile, compile_backend="inductor", profile_steps=0)
     row = gpu_step.measure("pretrain", options, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
