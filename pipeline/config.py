@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class ShardBuildSettings(Settings):
-    """Optional first step: build shards from a source before training (digits, imagefolder, imagenet)."""
+    """Optional first step: build shards from a source before training (digits, shapes, imagefolder, imagenet)."""
 
     source: str = "digits"
     root: str | None = Field(None, description="source folder for imagefolder/imagenet")

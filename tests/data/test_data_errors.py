@@ -49,7 +49,7 @@ def test_source_without_images(tmp_path: Path, capsys: pytest.CaptureFixture[str
 
 def test_unknown_source_and_missing_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = run_cli(["cifar", str(tmp_path / "out")], capsys)
-    assert_one_line_error(code, err, "unknown source 'cifar'", "digits, imagefolder, imagenet")
+    assert_one_line_error(code, err, "unknown source 'cifar'", "digits, shapes, imagefolder, imagenet")
     code, err = run_cli(["imagefolder", str(tmp_path / "out")], capsys)
     assert_one_line_error(code, err, "imagefolder", "--root")
     code, err = run_cli(["digits", str(tmp_path / "out"), "--split", "test"], capsys)
