@@ -34,8 +34,8 @@ SUPERSAMPLE = 4  # polygons are drawn at 4x and reduced: anti-aliased edges with
 SPLIT_IDS = {"train": 1, "val": 2}  # part of every image's seed: the splits never share an image
 
 # object radius (the shape's circumscribed circle) as a fraction of the image side
-RADIUS = (0.22, 0.40)
-MIN_CONTRAST = 90.0  # RGB distance between object colour and the background under it, else inverted
+RADIUS = (0.28, 0.45)
+MIN_CONTRAST = 120.0  # RGB distance between object colour and the background under it, else inverted
 
 
 # --------------------------------------------------------------------------- shape outlines
@@ -112,7 +112,7 @@ def _background(rng: np.random.Generator, side: int):
 
     photo = _photos()[int(rng.integers(len(_photos())))]
     height, width = photo.shape[:2]
-    box = int(rng.integers(48, min(height, width) // 2 + 1))  # 48..213 px of a 427x640 photo
+    box = int(rng.integers(96, min(height, width) // 2 + 1))  # 96..213 px of a 427x640 photo
     top, left = int(rng.integers(height - box + 1)), int(rng.integers(width - box + 1))
     crop = photo[top : top + box, left : left + box]
     if rng.random() < 0.5:
@@ -156,7 +156,7 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE):
 
     side = size * SUPERSAMPLE
     canvas = _background(rng, side)
-    _clutter(ImageDraw.Draw(canvas), rng, side, int(rng.integers(2, 5)), 0.12)  # behind the object
+    _clutter(ImageDraw.Draw(canvas), rng, side, int(rng.integers(1, 4)), 0.12)  # behind the object
 
     radius = rng.uniform(*RADIUS) * side
     aspect = rng.uniform(0.85, 1.15)  # a mild anisotropic stretch
@@ -173,7 +173,7 @@ def render(label: int, rng: np.random.Generator, size: int = IMAGE_SIZE):
         colour = 255.0 - colour
     canvas.paste(tuple(int(c) for c in colour), (0, 0), mask)
 
-    _clutter(ImageDraw.Draw(canvas), rng, side, int(rng.integers(1, 3)), 0.08)  # occluders in front
+    _clutter(ImageDraw.Draw(canvas), rng, side, int(rng.integers(0, 2)), 0.08)  # occluders in front
     return canvas.resize((size, size), Image.LANCZOS)
 
 
