@@ -19,7 +19,8 @@ In one process, on one device:
    W + K + L optimizer steps (L = --log-every). Everything else is jobs/pretrain.yaml's: decoder,
    mask ratio, grad_clip, firing-rate / reconstruction / checkpoint cadences; the kNN monitor runs
    every --knn-every steps (pretrain.yaml leaves it off), at step 0 and at the end.
-The window is steps W+1 .. W+K (W and K multiples of L, so both ends are log steps); the stage's own
+The window is the log intervals inside steps W+1 .. W+K (from the first log step at or after W to
+the last at or before W+K: all of it when W and K are multiples of L); the stage's own
 loop timer (pipeline.train.timers, logged as MLflow metrics `time/<section>` at log steps) gives the
 breakdown there, and its run totals (`time_total/<section>`, `time_count/<section>` in the stage's
 summary metrics) give the per-event costs of what the job does rarely: one checkpoint save, one kNN
@@ -96,10 +97,17 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--decode: give cpu and/or gpu, comma-separated (got {args.decode!r})")
     if min(args.steps, args.warmup, args.log_every, args.batch, args.img_size) < 1 or args.workers < 0:
         parser.error("--steps, --warmup, --log-every, --batch and --img-size must be >= 1, --workers >= 0")
-    if args.steps % args.log_every or args.warmup % args.log_every:
-        parser.error(f"--warmup ({args.warmup}) and --steps ({args.steps}) must be multiples of --log-every "
-                     f"({args.log_every}): the window starts and ends at log steps")
+    start, end = window(args)
+    if end - start < args.log_every:
+        parser.error(f"steps {args.warmup + 1}-{args.warmup + args.steps} hold no whole log interval of "
+                     f"--log-every {args.log_every} steps: raise --steps or lower --log-every")
     return args
+
+
+def window(args: argparse.Namespace) -> tuple[int, int]:
+    """(first, last) log step of the timed window: whole log intervals within steps W+1 .. W+K."""
+    every = args.log_every
+    return -(-args.warmup // every) * every, (args.warmup + args.steps) // every * every
 
 
 def total_steps(args: argparse.Namespace) -> int:
@@ -139,7 +147,10 @@ def plain_step(args: argparse.Namespace, device: torch.device) -> dict:
                                  steps=args.steps, warmup=args.warmup,
                                  precision="bf16" if device.type == "cuda" else "fp32",
                                  compile=args.compile, compile_backend="inductor", profile_steps=0)
+    cpu = time.process_time()
     row = gpu_step.measure("pretrain", options, device)
+    # CPU seconds of this process per step (measure() runs W warm-up + K timed steps)
+    row["cpu_s_per_step"] = (time.process_time() - cpu) / (args.warmup + args.steps)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -200,23 +211,26 @@ def run_pipeline(args: argparse.Namespace, manifests: dict[str, str], decode: st
     if not runs or runs[0].info.status != "FINISHED":
         raise RuntimeError(f"decode {decode}: no FINISHED pretrain run in {spec['mlflow']['tracking_uri']}")
     run = runs[0]
-    window = range(args.warmup + args.log_every, args.warmup + args.steps + 1, args.log_every)
+    first, last = window(args)
+    logged = range(first + args.log_every, last + 1, args.log_every)  # intervals ending at these steps
 
     def per_step(key: str) -> float | None:
         """Mean of a per-interval metric over the window's log intervals (all L steps long)."""
         values = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
-        picked = [values[s] for s in window if s in values]
-        return sum(picked) / len(picked) if len(picked) == len(window) else None
+        picked = [values[s] for s in logged if s in values]
+        return sum(picked) / len(picked) if len(picked) == len(logged) else None
 
     keys = {m for m in run.data.metrics if m.startswith("time/")}
     sections = {key.removeprefix("time/"): per_step(key) for key in sorted(keys)}
     seconds_per_step = sections.pop("wall")
+    cpu_per_step = sections.pop("process_cpu", None)
     totals = {key.removeprefix("time_total/"): value for key, value in run.data.metrics.items()
               if key.startswith("time_total/")}
     counts = {key.removeprefix("time_count/"): int(value) for key, value in run.data.metrics.items()
               if key.startswith("time_count/")}
-    return {"decode": decode, "wall_s": wall, "run_id": run.info.run_id, "spec": spec,
+    return {"decode": decode, "wall_s": wall, "run_id": run.info.run_id, "spec": spec, "window": [first + 1, last],
             "images_per_s": args.batch / seconds_per_step, "s_per_step": seconds_per_step,
+            "cpu_s_per_step": cpu_per_step,
             "sections": {k: v for k, v in sections.items() if v is not None},
             "totals": totals, "counts": counts,
             "cadence": {"checkpoint": spec["stages"]["pretrain"]["checkpoint"]["every_steps"],
@@ -308,11 +322,15 @@ def main(argv: list[str] | None = None) -> dict:
     plain_ips = result["plain"]["images_per_s"]
     for outcome in result["pipeline"]:
         print(f"\n### decode {outcome['decode']}: {args.variant}, T {args.T}, {args.img_size} px, batch "
-              f"{args.batch}, {args.workers} workers, window steps {args.warmup + 1}-{args.warmup + args.steps}")
+              f"{args.batch}, {args.workers} workers, window steps {outcome['window'][0]}-{outcome['window'][1]}")
         print(breakdown_table(outcome, result["plain"]))
         print(f"with the rare events amortised at the job's cadence (computed): "
               f"{outcome['amortised_images_per_s']:.1f} img/s, "
               f"{outcome['amortised_images_per_s'] / plain_ips:.3f} of plain")
+        if not cuda and outcome["cpu_s_per_step"]:  # shared cores move wall time; CPU time much less
+            print(f"CPU time of the training process: plain/pipeline "
+                  f"{result['plain']['cpu_s_per_step'] / outcome['cpu_s_per_step']:.3f} (pipeline "
+                  f"{outcome['cpu_s_per_step']:.3f} CPU-s/step, plain {result['plain']['cpu_s_per_step']:.3f})")
         print(f"decode {outcome['decode']}: pipeline/plain {outcome['ratio']:.3f} "
               f"(pipeline {outcome['images_per_s']:.1f} img/s, plain {plain_ips:.1f} img/s)")
     if args.record:

@@ -22,8 +22,10 @@ Host sections may nest: a section's time excludes the sections opened inside it 
 `hooks` section holds pretraining's `knn`), so on the CPU the sections never count a second twice.
 
 `interval()` gives seconds per optimizer step of every section seen since the previous call, plus
-`time/wall` (wall seconds per step) and, on the CPU where sections are disjoint and synchronous,
-`time/other` (wall not covered by any section). `totals()` gives the whole run's seconds and counts
+`time/wall` (wall seconds per step), `time/process_cpu` (CPU seconds of this process per step, all its
+threads, DataLoader worker processes not included: on shared cores it moves less than the wall) and,
+on the CPU where sections are disjoint and synchronous, `time/other` (wall not covered by any
+section). `totals()` gives the whole run's seconds and counts
 per section (per-event costs such as one checkpoint save: total / count).
 """
 
@@ -50,6 +52,7 @@ class LoopTimer:
 
     def _reset_interval(self) -> None:
         self._since = time.perf_counter()
+        self._cpu_since = time.process_time()
         self._steps = 0
         self._seconds: dict[str, float] = defaultdict(float)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
@@ -99,6 +102,7 @@ class LoopTimer:
         steps = max(self._steps, 1)
         out = {f"{PREFIX}{name}": seconds / steps for name, seconds in sorted(self._seconds.items())}
         out[f"{PREFIX}wall"] = wall / steps
+        out[f"{PREFIX}process_cpu"] = (time.process_time() - self._cpu_since) / steps
         if not self._cuda:
             out[f"{PREFIX}other"] = max(wall - sum(self._seconds.values()), 0.0) / steps
         self._reset_interval()
