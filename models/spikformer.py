@@ -536,13 +536,75 @@ def _no_autocast(device_type: str):
     return contextlib.nullcontext()
 
 
-def spike_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+BF16_EXACT_COUNT = 256  # every integer 0..256 is a bfloat16 (8 significant bits); 257 is not
+PRODUCTS = ("auto", "bf16", "fp32")
+
+
+def _bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """bf16 [n, i, k] @ [n, k, j] with float32 accumulation and a float32 result.
+
+    On a GPU one bf16 GEMM (tensor cores) writing float32 (``torch.bmm(..., out_dtype=)``, also what the
+    meta device runs); the CPU has no such kernel, so there the bf16 operands are multiplied in float32:
+    the same arithmetic, without the speed.
+    """
+    if a.device.type != "cpu":
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    with _no_autocast("cpu"):
+        return torch.bmm(a.float(), b.float())
+
+
+class _SpikeProduct(torch.autograd.Function):
+    """``_bmm_f32`` with autograd (the ``out_dtype`` overload has none): the gradients are bf16 GEMMs of
+    the float32 upstream gradient rounded to bf16, the precision autocast gives every linear layer."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return _bmm_f32(a, b)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        return torch.bmm(grad, b.transpose(1, 2)), torch.bmm(a.transpose(1, 2), grad)
+
+
+def _spike_attention_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Both products as bf16 GEMMs with float32 accumulation and output: exact while N <= 256.
+
+    Every bf16 operand holds an exact value: Q, K, V are 0/1, and K^T V holds counts <= N (exact in bf16
+    for N <= 256). The second product sums d such counts (<= N d, far below 2^24) in float32, and its
+    result stays float32. The other order, (Q K^T) V, would keep counts <= d but build N x N per head.
+    """
+    *lead, d, n = q.shape
+    q, k, v = (t.to(torch.bfloat16).reshape(-1, d, n) for t in (q, k, v))
+    kv = _SpikeProduct.apply(k, v.transpose(1, 2))  # [h, d, d] = K^T V, float32 counts <= N
+    out = _SpikeProduct.apply(kv.transpose(1, 2).to(torch.bfloat16), q)  # [h, d, N] = (Q K^T V)^T
+    return (out * scale).reshape(*lead, d, n)
+
+
+def spike_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, products: str = "auto"
+) -> torch.Tensor:
     """(Q K^T V)^T * scale per head for spike tensors q, k, v [..., d, N] (K^T V first: no N x N).
 
-    Exact for spikes: both products run in float32 (at least) outside autocast, whatever the input
-    dtype. In bf16 (8 significant bits) the counts of K^T V (up to N) and Q (K^T V) (up to N d) round
-    above 256, which would move attention spikes. The result is float32 (float64 for float64 input).
+    Exact for spikes; the result is float32 (float64 for float64 input) whatever the input dtype. In a
+    bf16 result (8 significant bits) the counts of K^T V (up to N) and Q (K^T V) (up to N d) would round
+    above 256 and move attention spikes. ``products``:
+
+    - "fp32": both products in float32 (at least) outside autocast: the reference;
+    - "bf16": bf16 GEMMs with float32 accumulation and output (``_spike_attention_bf16``): the same
+      values while N <= 256 (``BF16_EXACT_COUNT``), rounded K^T V counts beyond;
+    - "auto" (default): "bf16" on a GPU when N <= 256 (224 px: N = 196, MIM's visible tokens fewer),
+      "fp32" otherwise (the CPU has no bf16 GEMM with a float32 result; float64 input is a reference).
     """
+    if products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
+    if products == "auto":
+        gpu = q.device.type not in ("cpu", "meta") and q.dtype != torch.float64
+        products = "bf16" if gpu and q.shape[-1] <= BF16_EXACT_COUNT else "fp32"
+    if products == "bf16":
+        return _spike_attention_bf16(q, k, v, scale)
     dtype = torch.promote_types(q.dtype, torch.float32)
     with _no_autocast(q.device.type):
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -554,7 +616,8 @@ class SSA(nn.Module):
     """Spiking Self-Attention: Q, K, V spikes, out = LIF_{0.5}(Q (K^T V) * scale), no softmax.
 
     K^T V is computed first ([d, d] per head: O(N d^2)); no N x N tensor and no loop over heads.
-    The products are exact under bf16 (``spike_attention``).
+    The products are exact under bf16; ``products`` chooses how they run (``spike_attention``: "auto",
+    bf16 tensor-core GEMMs on a GPU while the counts stay exact, "fp32" the reference).
     """
 
     def __init__(
@@ -564,14 +627,18 @@ class SSA(nn.Module):
         scale: float = 0.125,
         attn_v_threshold: float = 0.5,
         lif_kwargs: dict | None = None,
+        products: str = "auto",
     ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if products not in PRODUCTS:
+            raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
         lif_kwargs = lif_kwargs or {}
         self.dim = dim
         self.num_heads = num_heads
         self.scale = scale
+        self.products = products
         for name in ("q", "k", "v"):
             setattr(self, f"{name}_conv", nn.Conv1d(dim, dim, kernel_size=1, stride=1, bias=False))
             setattr(self, f"{name}_bn", MaskedBatchNorm1d(dim))
@@ -599,7 +666,7 @@ class SSA(nn.Module):
         q = self._spikes("q", rows, T, mask).reshape(heads)
         k = self._spikes("k", rows, T, mask).reshape(heads)
         v = self._spikes("v", rows, T, mask).reshape(heads)
-        out = spike_attention(q, k, v, self.scale)  # [T, B, h, d, N], float32 at least
+        out = spike_attention(q, k, v, self.scale, self.products)  # [T, B, h, d, N], float32 at least
         out = _fire(self.attn_lif, out.reshape(T * B, C, N), T, mask).to(rows.dtype)  # spikes: exact
         out = _zero_masked(mask, self.proj_conv(out))
         out = _fire(self.proj_lif, _norm(self.proj_bn, out, mask), T, mask)
