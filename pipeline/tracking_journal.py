@@ -121,7 +121,8 @@ def replay(tracker: Tracker, directory: str, run_ids: Iterable[str] | None = Non
     sent = 0
     for path in pending(directory, run_ids, pid, orphans):
         sent += _replay_file(tracker, path)
-        os.remove(path)
+        if os.path.exists(path):
+            os.remove(path)
         images = os.path.join(os.path.dirname(path), os.path.basename(path).split(".")[0] + ".images")
         if not pending(directory, [os.path.basename(path).split(".")[0]]) and os.path.isdir(images):
             for name in os.listdir(images):
@@ -142,19 +143,45 @@ def read(path: str) -> list[dict[str, Any]]:
 
 
 def _replay_file(tracker: Tracker, path: str) -> int:
+    from mlflow.entities import Metric
+
+    from pipeline.tracking import STOPPED_TAG, is_outage
+
     run_id = os.path.basename(path).split(".")[0]
     records = read(path)
     keys = sorted({key for r in records if r["kind"] == "metrics" for key in r["values"]})
-    have = tracker.metric_history_steps(run_id, keys) if keys else {}
+    try:
+        have = tracker.metric_history_steps(run_id, keys) if keys else {}
+        tracker.get_run(run_id)
+    except Exception as err:
+        if is_outage(err):
+            raise
+        os.replace(path, path + ".rejected")  # kept for a person to read, never tried again
+        logger.warning("journal %s: run %s cannot be read (%s); kept as %s.rejected", path, run_id, err, path)
+        return 0
     batch: list[tuple[int, int, str, float]] = []
 
-    def flush() -> None:
-        from mlflow.entities import Metric
+    def guarded(what: str, fn, *args) -> None:
+        """An outage ends the replay (the file stays); a record the store rejects is skipped, as it would
+        have been when sent live, so one bad record cannot hold back the rest for good."""
+        try:
+            fn(*args)
+        except Exception as err:
+            if is_outage(err):
+                raise
+            logger.warning("journal %s: the store rejected a %s record for run %s: %s", path, what, run_id, err)
 
+    def send_metrics() -> None:
         for start in range(0, len(batch), MAX_METRICS_PER_CALL):
-            chunk = batch[start:start + MAX_METRICS_PER_CALL]
-            tracker.client.log_batch(run_id, metrics=[Metric(k, v, t, s) for s, t, k, v in chunk])
+            chunk = [Metric(k, v, t, s) for s, t, k, v in batch[start:start + MAX_METRICS_PER_CALL]]
+            guarded("metrics", lambda c=chunk: tracker.client.log_batch(run_id, metrics=c))
         batch.clear()
+
+    def end(record: dict[str, Any]) -> None:
+        if record.get("reason"):
+            tracker.set_tags(run_id, {STOPPED_TAG: record["reason"]})
+        if tracker.get_run(run_id).info.status == "RUNNING":  # a later driver may have ended it already
+            tracker.finish_run(run_id, record["status"])
 
     for record in records:
         kind = record["kind"]
@@ -164,23 +191,19 @@ def _replay_file(tracker: Tracker, path: str) -> int:
                     batch.append((record["step"], record["time_ms"], key, value))
                     have[key].add(record["step"])
             continue
-        flush()
+        send_metrics()
         if kind == "tags":
-            tracker.set_tags(run_id, record["values"])
+            guarded("tags", tracker.set_tags, run_id, record["values"])
         elif kind == "end":
-            from pipeline.tracking import STOPPED_TAG
-
-            if record.get("reason"):
-                tracker.set_tags(run_id, {STOPPED_TAG: record["reason"]})
-            if tracker.get_run(run_id).info.status == "RUNNING":  # a later driver may have ended it already
-                tracker.finish_run(run_id, record["status"])
+            guarded("end", end, record)
         elif kind == "image" and os.path.isfile(record["path"]):
-            tracker.log_image(run_id, record["path"], os.path.splitext(os.path.basename(record["path"]))[0])
+            name = os.path.splitext(os.path.basename(record["path"]))[0]
+            guarded("image", tracker.log_image, run_id, record["path"], name)
         elif kind == "artifact":
             if os.path.exists(record["path"]):
-                tracker.log_artifacts(run_id, record["path"], record.get("subdir"))
+                guarded("artifact", tracker.log_artifacts, run_id, record["path"], record.get("subdir"))
             else:
                 logger.warning("journal %s: artifact %s no longer exists; not sent", path, record["path"])
-    flush()
+    send_metrics()
     logger.info("journal %s: %d records sent to run %s", path, len(records), run_id)
     return len(records)

@@ -25,6 +25,8 @@ from pipeline.tracking import PROBE_EVERY_S, Tracker, answers, is_outage, outage
 logger = logging.getLogger(__name__)
 
 DRAIN_S = 30.0  # at the end of a stage, how long the sender may go on sending what is queued
+# + one request still in flight: 3 attempts of MLFLOW_HTTP_REQUEST_TIMEOUT (tracking.HTTP_SETTINGS) and backoff
+IN_FLIGHT_S = 3 * 20 + 5
 _STOP = object()
 _OPEN: list[_Sender] = []
 
@@ -41,6 +43,7 @@ class _Sender(threading.Thread):
         self.logged: dict[str, int] | None = None  # highest step the run already has, per key
         self.down_since: float | None = None
         self.deadline: float | None = None  # set by close(): after it, journal instead of sending
+        self.replay_failed = False
 
     # ------------------------------------------------------------------ the thread
 
@@ -115,10 +118,13 @@ class _Sender(threading.Thread):
         try:
             sent = tracking_journal.replay(self.tracker, self.journal.directory, [self.run_id], os.getpid())
         except Exception as err:  # noqa: BLE001 - still away (or away again): keep journaling
-            logger.info("MLflow journal replay for run %s failed, retrying: %s", self.run_id, outage_reason(err))
+            if not self.replay_failed:  # once per outage: the next probe tries again
+                logger.warning("MLflow tracking server %s answers its health check but not yet the journal "
+                               "(%s); trying again", self.tracker.tracking_uri, outage_reason(err))
+            self.replay_failed = True
             return
         away = time.monotonic() - (self.down_since or time.monotonic())
-        self.down_since, self.logged = None, None  # the history changed under us: read it again
+        self.down_since, self.logged, self.replay_failed = None, None, False  # re-read the history
         self.journal.count = 0
         logger.info("MLflow tracking server %s answers again after %.0f s: %d journaled records sent",
                     self.tracker.tracking_uri, away, sent)
@@ -132,7 +138,7 @@ class _Sender(threading.Thread):
         """Send what is queued for up to `timeout_s`, journal the rest, stop the thread."""
         self.deadline = time.monotonic() + timeout_s
         self.items.put(_STOP)
-        self.join(timeout_s + 5.0)  # + one request in flight (bounded by tracking.HTTP_SETTINGS)
+        self.join(timeout_s + IN_FLIGHT_S)
         if self.is_alive():
             logger.warning("MLflow sink for run %s still busy after %.0f s; its last records may be lost",
                            self.run_id, timeout_s)

@@ -224,10 +224,15 @@ def run_stage(job: JobConfig, name: str, tracker, job_run_id: str, datasets: Dat
         with _open(tracker, run_id):
             launch = StageLaunch(name, run_id, plan.inputs, plan.output_url, fast(tracker))
             result = backend.launch(job, plan, launch)
-            # what rank 0 could not send (a server outage during the stage), before the run is ended
-            tracking_journal.replay(tracker, tracker.journal_dir, [run_id])
-            record_result(tracker, run_id, name, result, job)
-            tracker.finish_run(run_id, "FINISHED")
+            try:
+                # what rank 0 could not send (a server outage during the stage), before the run is ended
+                tracking_journal.replay(tracker, tracker.journal_dir, [run_id])
+                record_result(tracker, run_id, name, result, job)
+                tracker.finish_run(run_id, "FINISHED")
+            except tracking.TrackingUnavailable as err:
+                raise tracking.TrackingUnavailable(
+                    f"{err}; stage {name} finished (outputs in {plan.output_url}) but its MLflow run could not "
+                    "be completed") from None
     except BaseException as err:
         end_run(tracker, run_id, err)
         raise

@@ -4,6 +4,7 @@ HTTP store on a port nobody listens on as the server that is away)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 from lineage_chain import free_port
@@ -80,3 +81,17 @@ def test_orphan_replay_leaves_a_live_writers_journal_alone(sqlite_tracker, tmp_p
         live.wait()
     assert tracking_journal.replay(sqlite_tracker, str(tmp_path), orphans=True) == 1  # now an orphan
     assert loss_steps(sqlite_tracker, run_id) == [1]
+
+
+def test_a_journal_the_store_cannot_take_is_set_aside_not_retried_for_ever(sqlite_tracker, tmp_path):
+    run_id = sqlite_tracker.start_job_run("rejected")
+    journal = tracking_journal.Journal(str(tmp_path), run_id)
+    journal.tags({"pipeline.long": "x" * 10_000})  # longer than MLflow takes: rejected, skipped
+    journal.metrics(1, {"loss": 1.0}, time_ms=0)
+    gone = tracking_journal.Journal(str(tmp_path), "0" * 32)  # a run the store does not have
+    gone.metrics(1, {"loss": 1.0}, time_ms=0)
+
+    tracking_journal.replay(sqlite_tracker, str(tmp_path))
+    assert loss_steps(sqlite_tracker, run_id) == [1]  # the rest of the file still arrived
+    assert tracking_journal.pending(str(tmp_path)) == []
+    assert (tmp_path / f"{'0' * 32}.{os.getpid()}.jsonl.rejected").is_file()
