@@ -38,6 +38,8 @@ KNOWN_NOISE: tuple[tuple[str, str], ...] = (
     ("timm.scheduler", "will have no effect on the learning rate"),
     # DeepSpeed on a machine without a GPU
     ("DeepSpeed", "Setting accelerator to CPU"),
+    # MLflow's HTTP retries against a tracking server that is away: the pipeline says so in one line
+    ("urllib3.connectionpool", "Retrying"),
 )
 
 # Libraries that attach their own console handler instead of propagating to the root logger.
