@@ -98,8 +98,9 @@ class DeepSpeedSettings(Settings):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     grad_clip: float | None = Field(None, gt=0)
     config_overrides: dict[str, Any] = Field({}, description="merged last into the DeepSpeed config dict")
-    compile: bool = Field(False, description="torch.compile the module inside the DeepSpeed engine (every "
-                          "training stage); off by default: no GPU measurement of its gain exists yet")
+    compile: bool | Literal["auto"] = Field(
+        "auto", description="torch.compile the module inside the DeepSpeed engine (every training stage); auto: "
+        "on for CUDA runs (1.3-1.9x the eager step on an H200, issue 20), off on CPU")
 
 
 class CheckpointSettings(Settings):

@@ -61,3 +61,22 @@ def test_compiled_engine_steps_like_the_eager_engine():
     rates = {k: v for k, v in compiled_out[1].metrics.items() if k.startswith("firing_rate_train/")}
     assert rates and rates == pytest.approx({k: eager_out[1].metrics[k] for k in rates}, rel=1e-3, abs=1e-4)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(("setting", "cuda", "compiled"), [
+    ("auto", True, True), ("auto", False, False),  # the default: compiled where it pays, on CUDA
+    (True, False, True), (False, True, False),  # an explicit choice wins either way
+])
+def test_compile_setting_resolves_auto_by_device(setting, cuda, compiled):
+    from pipeline.train.engine import use_compile
+
+    assert DeepSpeedSettings().compile == "auto"
+    assert use_compile(DeepSpeedSettings(compile=setting), cuda=cuda) is compiled
+
+
+def test_compile_setting_rejects_other_values():
+    from pipeline.errors import PipelineError
+
+    for bad in ("sometimes", "cuda", 1.5):
+        with pytest.raises((ValueError, PipelineError)):
+            DeepSpeedSettings(compile=bad)
