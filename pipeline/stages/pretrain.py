@@ -11,6 +11,10 @@ Output (in ctx.output_url):
   step 0 (random encoder), every `knn_every_steps` and at the last step, with BatchNorm statistics
   re-estimated on the bank images (`knn_bn_stats: bank`) or as they run; the summary metrics add
   knn_seconds_total and knn_time_share (its share of this rank's pretraining wall time).
+- firing_rate_train/<layer> every `firing_rate_every_steps` and at the last step: the mean spike
+  count per element of each LIF output in that step's own training forward (train-mode BatchNorm, the
+  masked input; pipeline.train.engine), and the loop's time by section, time/<section> (knn and
+  reconstruction among them; pipeline.train.timers).
 The encoder is built with the pretraining T (default 1) and no head, so no frozen parameter sits in
 the DeepSpeed engine.
 """

@@ -5,6 +5,8 @@
   (models.energy.FiringRateProbe). On the tiny MIM model every encoder LIF after the stem's first
   fires there, while the eval-mode probe the engine used before reads 0.0 for all of them (BatchNorm
   running statistics still at their initial variance 1 after a few steps).
+- Under torch.compile, hooks added after compiling never fire (the compiled graph does not see them):
+  why the engine runs a compiled module's probe step eagerly; with that stance they fire.
 - The benchmark at CPU sizes (slow): the real pretraining stage (local backend, DeepSpeed, 2 loader
   workers, MLflow sqlite) against gpu_step.py's plain step; its last line, its breakdown, and the
   training firing rates the stage logged to MLflow.
@@ -91,6 +93,31 @@ def test_training_firing_rates_fire_where_the_eval_probe_is_silent():
     # the eval-mode probe (what the engine logged before) on the same weights and images
     silent = firing_rates(engine.module.encoder, images)
     assert all(silent[name] == 0.0 for name in after_first), silent
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_hooks_added_after_compile_fire_only_when_the_step_runs_eagerly():
+    import models
+    from models.energy import FiringRateProbe
+    from models.mim import MaskedImageModel
+
+    torch.manual_seed(0)
+    encoder = models.create("spikformer_v2_tiny", depth=1, num_classes=0)
+    model = MaskedImageModel(encoder, decoder_dim=16, decoder_depth=1, decoder_heads=2).train()
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    try:
+        model.compile(backend="aot_eager")  # tracing without code generation: what the engine's compile sees
+        model(images)[0].backward()  # compiled
+        with FiringRateProbe(model) as compiled:
+            model(images)[0].backward()
+        with torch.compiler.set_stance("force_eager"), FiringRateProbe(model) as eager:
+            model(images)[0].backward()
+    finally:
+        torch._dynamo.reset()
+    assert compiled.rates() == {}
+    lifs = {f"encoder.{n}" for n, m in encoder.named_modules() if isinstance(m, models.MultiStepLIF)}
+    assert set(eager.rates()) == lifs
 
 
 @pytest.mark.slow
