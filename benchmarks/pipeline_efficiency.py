@@ -68,6 +68,7 @@ SECTIONS = {
     "forward_backward_probe": "forward + backward with the firing-rate hooks",
     "checkpoint": "checkpoint save + report",
     "other": "wall not in any section (CPU only)",
+    "device_unaccounted": "CUDA: wall minus the device sections' device time (device idle + kernels outside them)",
 }
 
 

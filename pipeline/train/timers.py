@@ -25,8 +25,10 @@ Host sections may nest: a section's time excludes the sections opened inside it 
 `time/wall` (wall seconds per step), `time/process_cpu` (CPU seconds of this process per step, all its
 threads, DataLoader worker processes not included: on shared cores it moves less than the wall) and,
 on the CPU where sections are disjoint and synchronous, `time/other` (wall not covered by any
-section). `totals()` gives the whole run's seconds and counts
-per section (per-event costs such as one checkpoint save: total / count).
+section); on CUDA `time/device_unaccounted` instead: wall minus the device sections' device time, i.e.
+the device idle (waiting for data, the host, a checkpoint) plus kernels outside the timed sections.
+`totals()` gives the whole run's seconds and counts per section (per-event costs such as one
+checkpoint save: total / count).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class LoopTimer:
         self._total: dict[str, float] = defaultdict(float)
         self._count: dict[str, int] = defaultdict(int)
         self._open: list[float] = []  # per open host section: seconds of the sections nested in it
+        self._device_names: set[str] = set()  # sections timed on the device (CUDA events)
         self._reset_interval()
 
     def _reset_interval(self) -> None:
@@ -66,6 +69,7 @@ class LoopTimer:
         """Time the block as `name` (exclusive of the host sections nested in it)."""
         self._count[name] += 1
         if device and self._cuda:
+            self._device_names.add(name)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -103,7 +107,10 @@ class LoopTimer:
         out = {f"{PREFIX}{name}": seconds / steps for name, seconds in sorted(self._seconds.items())}
         out[f"{PREFIX}wall"] = wall / steps
         out[f"{PREFIX}process_cpu"] = (time.process_time() - self._cpu_since) / steps
-        if not self._cuda:
+        if self._cuda:
+            busy = sum(seconds for name, seconds in self._seconds.items() if name in self._device_names)
+            out[f"{PREFIX}device_unaccounted"] = max(wall - busy, 0.0) / steps
+        else:
             out[f"{PREFIX}other"] = max(wall - sum(self._seconds.values()), 0.0) / steps
         self._reset_interval()
         return out
