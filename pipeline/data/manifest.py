@@ -28,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StorageUnavailable
 
 MANIFEST_FORMAT = "spikformer-shards/1"
 MANIFEST_SUFFIX = ".manifest.json"
@@ -129,11 +129,17 @@ def load_manifest(url: str) -> Manifest:
     """Read and validate a manifest from any fsspec URL; PipelineError names the URL on any problem."""
     import fsspec
 
+    from pipeline.data.fsutil import describe_read_retries, outage_cause, read_options
+
     try:
-        with fsspec.open(url, "rt", encoding="utf-8") as fh:
+        with fsspec.open(url, "rt", encoding="utf-8", **read_options(url)) as fh:
             text = fh.read()
     except FileNotFoundError:
         raise PipelineError(f"{url}: manifest not found") from None
     except Exception as exc:  # fsspec backends raise many types (OSError, botocore errors, ...)
+        cause = outage_cause(exc)
+        if cause is not None:  # the store did not answer: an outage a later run can get past, not a bad manifest
+            raise StorageUnavailable(f"{url}: storage unavailable reading the manifest (gave up after "
+                                     f"{describe_read_retries(url)}): {type(cause).__name__}: {cause}") from None
         raise PipelineError(f"{url}: cannot read manifest: {type(exc).__name__}: {exc}") from None
     return parse_manifest(text, url)

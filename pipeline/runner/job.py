@@ -30,6 +30,7 @@ from pipeline import lineage, tracking, tracking_journal
 from pipeline.config import JobConfig, flatten_params, resolved_dict
 from pipeline.errors import PipelineError
 from pipeline.fingerprint import stage_fingerprint
+from pipeline.redact import redact_url
 from pipeline.runner import lease
 from pipeline.runner.context import StageLaunch
 from pipeline.runner.datasets import Datasets, resolve_datasets
@@ -132,7 +133,7 @@ def ending(err: BaseException) -> tuple[str, str | None]:
         return "KILLED", None
     if isinstance(err, tracking.TrackingUnavailable):  # interrupted, not failed: the next run continues it
         return "KILLED", None
-    text = str(err).strip()
+    text = redact_url(str(err).strip())  # an error may quote the tracking URI: its password stays out of MLflow
     return "FAILED", f"{type(err).__name__}: {text.splitlines()[-1] if text else ''}"
 
 

@@ -164,3 +164,21 @@ def test_what_counts_as_an_outage():
 
     for answered in (denied, FileNotFoundError("s3://b/k"), tarfile.ReadError("unexpected end of data")):
         assert outage_cause(answered) is None
+
+
+def test_a_manifest_read_during_an_outage_is_an_outage_not_a_bad_manifest(store, manifest_url, monkeypatch):
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # no cached listing or open connection answers for the store
+    store.stop()
+    try:
+        with pytest.raises(StorageUnavailable) as caught:
+            load_manifest(manifest_url)
+    finally:
+        store.start()
+    message = str(caught.value)
+    assert message.startswith(f"{manifest_url}: storage unavailable reading the manifest"), message
+    assert "2 attempts" in message and "\n" not in message
+    assert caught.value.retryable and not is_deterministic(caught.value)
+    assert load_manifest(manifest_url).shards  # the same read once the store answers again

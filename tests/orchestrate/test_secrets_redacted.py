@@ -166,3 +166,11 @@ def test_log_lines_and_params_carry_no_url_password(tmp_path, capsys):
     assert params["mlflow.tracking_uri"] == "postgresql://bob:***@db/mlflow"
     assert params["deepspeed.config_overrides.comet.api_key"] == "***"
     assert job.mlflow.tracking_uri.endswith(f"{PASSWORD}@db/mlflow")  # the job itself keeps what it needs
+
+
+def test_a_failed_runs_error_tag_carries_no_url_password():
+    from pipeline.errors import PipelineError
+    from pipeline.runner.job import ending
+
+    status, error = ending(PipelineError(f"http://bob:{PASSWORD}@h:5000: tracking server refused the run"))
+    assert status == "FAILED" and PASSWORD not in error and "http://bob:***@h:5000" in error, error
