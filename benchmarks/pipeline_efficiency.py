@@ -7,10 +7,11 @@
 
 In one process, on one device:
 1. synthetic JPEGs (ImageNet-like 300-500 px photos from benchmarks/data_throughput.py for --img-size
-   >= 128, else class-coloured squares of --img-size from benchmarks/gpu_chain.py), sharded by the
-   project's writer (pipeline.data.writer.write_shards, in-process): a train split of --images images
-   (default: enough that the run never starts a second epoch, so no DataLoader restart lands in the
-   window) and a val split for the kNN monitor;
+   >= 128, else class-coloured squares of --img-size from benchmarks/gpu_chain.py; at most 512 are
+   drawn, the rest of a split are hard links to them: the same bytes to read and decode, without the
+   drawing time), sharded by the project's writer (pipeline.data.writer.write_shards, in-process): a
+   train split of --images images (default: enough that the run never starts a second epoch, so no
+   DataLoader restart lands in the window) and a val split for the kNN monitor;
 2. the plain step (benchmarks/gpu_step.py `measure`, mode pretrain: the same MaskedImageModel,
    batch and precision, a resident random batch, no DeepSpeed, no loader) for W + K steps;
 3. per --decode mode, the real pretraining stage through the runner's local backend in this
@@ -52,6 +53,7 @@ from benchmarks.data_throughput import make_images  # noqa: E402
 from benchmarks.gpu_chain import write_images  # noqa: E402
 
 EXPERIMENT = "pipeline-efficiency"
+UNIQUE_IMAGES = 512  # distinct JPEGs per split; the rest are hard links to them
 CLASSES = 10
 # the loop timer's sections in the window, in loop order (pipeline.train.trainer / engine)
 SECTIONS = {
@@ -87,6 +89,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--val-images", type=int, default=None, help="val images for the kNN monitor")
     parser.add_argument("--log-every", type=int, default=10, help="L: loop.log_every_steps (the LoopSettings default)")
     parser.add_argument("--knn-every", type=int, default=1000, help="stages.pretrain.knn_every_steps")
+    parser.add_argument("--knn-bank", type=int, default=None,
+                        help="stages.pretrain.knn_bank_size (default: the job default, at most the train images)")
+    parser.add_argument("--knn-eval", type=int, default=None,
+                        help="stages.pretrain.knn_eval_size (default: the job default, at most the val images)")
     parser.add_argument("--compile", action="store_true", help="deepspeed.compile and a compiled plain step")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the training process")
@@ -128,10 +134,15 @@ def write_data(args: argparse.Namespace, work: Path) -> dict[str, str]:
     for split, count, seed in (("train", train, 0), ("val", val, 1)):
         root = work / "images" / split
         if not root.exists():
+            unique = min(count, UNIQUE_IMAGES)
             if args.img_size >= 128:
-                make_images(root, count, seed=seed)  # 300-500 px photo-like JPEGs in 10 class folders
+                make_images(root, unique, seed=seed)  # 300-500 px photo-like JPEGs in 10 class folders
             else:
-                write_images(work / "images", split, count, CLASSES, args.img_size, seed)
+                write_images(work / "images", split, unique, CLASSES, args.img_size, seed)
+            drawn = sorted(root.rglob("*.jpg"))
+            for i in range(unique, count):  # the writer shuffles samples into shards: copies spread out
+                source = drawn[i % unique]
+                os.link(source, source.parent / f"copy_{i:07d}.jpg")
         report = write_shards("imagefolder", str(work / "shards"), split=split, root=str(root),
                               shard_max_count=max(64, count // 16), workers=0, progress=False)
         manifests[split] = report.manifest_url
@@ -178,6 +189,8 @@ def job_spec(args: argparse.Namespace, manifests: dict[str, str], decode: str, w
             "pretrain": {
                 "max_steps": total_steps(args), "batch_size": args.batch, "T": args.T,
                 "log_every_steps": args.log_every, "knn_every_steps": args.knn_every,
+                **({"knn_bank_size": args.knn_bank} if args.knn_bank else {}),
+                **({"knn_eval_size": args.knn_eval} if args.knn_eval else {}),
                 "mask_ratio": stage.mask_ratio, "decoder_dim": stage.decoder_dim, "decoder_depth": stage.decoder_depth,
                 "decoder_heads": stage.decoder_heads, "norm_pix_loss": stage.norm_pix_loss,
                 "optimizer": stage.optimizer.model_dump(mode="json"), "augment": stage.augment.model_dump(mode="json"),
