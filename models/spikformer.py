@@ -412,6 +412,7 @@ class SPS(nn.Module):
     """
 
     num_stages = 4
+    LAYOUTS = ("auto", "channels_last", "contiguous")
 
     def __init__(self, in_chans: int = 3, embed_dim: int = 512, pools: int = 4, lif_kwargs: dict | None = None) -> None:
         super().__init__()
@@ -436,6 +437,16 @@ class SPS(nn.Module):
         self.rpe_conv = VisibleConv2d(embed_dim, embed_dim, 3, 1, 1, bias=False)
         self.rpe_bn = MaskedBatchNorm2d(embed_dim)
         self.rpe_lif = MultiStepLIF(**lif_kwargs)
+        self.layout = "auto"  # see channels_last()
+
+    def channels_last(self, y: torch.Tensor) -> bool:
+        """Whether the stem's image-grid activations run channels_last (NHWC), the layout cuDNN's
+        convolutions use: "auto" on CUDA under torch.compile (the GPU's compiled step spent ~12% in
+        NCHW<->NHWC transposes), never in eager mode, whose fused Triton LIF reads contiguous [T, ...]
+        tensors. The tokens leave the stem contiguous for the blocks' 1x1 convs either way."""
+        if self.layout == "auto":
+            return y.is_cuda and torch.compiler.is_compiling()
+        return self.layout == "channels_last"
 
     def _stage(self, k: int) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module | None]:
         suffix = "" if k == 0 else str(k)
@@ -459,6 +470,8 @@ class SPS(nn.Module):
         T = x.shape[0]
         last = self.num_stages - 1
         y = _zero_masked(mask, x.flatten(0, 1))
+        if self.channels_last(y):
+            y = y.contiguous(memory_format=torch.channels_last)  # elementwise ops, BN and pools keep it
         for k in range(self.num_stages):
             conv, bn, lif, pool = self._stage(k)
             y = _zero_masked_(mask, conv(y))
@@ -477,7 +490,7 @@ class SPS(nn.Module):
             return (rpe + tokens).reshape(T, -1, *tokens.shape[1:])
         feat = y
         y = _zero_masked_(mask, self.rpe_conv(y))
-        y = _fire(self.rpe_lif, _norm(self.rpe_bn, y, mask), T, mask) + feat
+        y = (_fire(self.rpe_lif, _norm(self.rpe_bn, y, mask), T, mask) + feat).contiguous()
         return y.reshape(T, -1, *y.shape[1:])
 
 
@@ -806,6 +819,8 @@ class Spikformer(nn.Module):
             block with real-valued Q/K/V and softmax attention, the non-spiking ablation control).
         scs_extra_convs, scs_residual: SCS supplementary layer layout (see ``SCS``).
         lif_kwargs: extra ``MultiStepLIF`` arguments for every neuron (tau, alpha, backend, ...).
+        stem_layout: memory layout of the stem's convolutions: "auto" (channels_last on CUDA under
+            torch.compile), "channels_last" or "contiguous" (``SPS.channels_last``); values are the same.
     """
 
     def __init__(
@@ -827,8 +842,11 @@ class Spikformer(nn.Module):
         scs_residual: bool = True,
         lif_kwargs: dict | None = None,
         attention: str = "ssa",
+        stem_layout: str = "auto",
     ) -> None:
         super().__init__()
+        if stem_layout not in SPS.LAYOUTS:
+            raise ValueError(f"stem_layout must be one of {SPS.LAYOUTS}, got {stem_layout!r}")
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         if T < 1:
@@ -848,6 +866,7 @@ class Spikformer(nn.Module):
             self.patch_embed = SCS(in_chans, embed_dim, stem_pools, scs_extra_convs, scs_residual, lif_kwargs)
         else:
             raise ValueError(f"stem must be 'sps' or 'scs', got {stem!r}")
+        self.patch_embed.layout = stem_layout
         self.patch_stride = self.patch_embed.stride
         rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
         self.block = nn.ModuleList(
