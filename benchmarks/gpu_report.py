@@ -129,10 +129,64 @@ def step_table(steps: list[dict]) -> list[str]:
                      f"{r['compiled']} | {r['first_step_s']:.1f} | {r['s_per_step']:.4f} | {r['images_per_s']:.1f} | "
                      f"{r['gflops_per_image']:.3g} | {r['tflops']:.3g} | {100 * r['mfu']:.1f}% | "
                      f"{_f(peak[s['step']], '.3g')} | {r['peak_mib']:.0f} |")
+    lines.append("")
+    for s in steps:
+        r = s.get("result") or {}
+        for mode, best in r.get("best", {}).items():
+            lines.append(f"- {s['step']}: best {mode} batch {best['batch']} ({best['images_per_s']:.1f} images/s, "
+                         f"MFU {100 * best['mfu']:.1f}%)")
+        for skip in r.get("skipped", []):
+            lines.append(f"- {s['step']}: {skip['mode']} at batch {skip['batch']} not measured: {skip['why']}")
+        for row in r.get("rows", []):
+            d = row.get("dynamo")
+            if d:
+                reasons = f"; breaks: {'; '.join(d['break_reasons'])}" if d.get("break_reasons") else ""
+                lines.append(f"- {s['step']}: {row['mode']} batch {row['batch']}: dynamo {d['graphs']} graphs, "
+                             f"{d['graph_breaks']} graph breaks, {d['recompiles']} recompiles{reasons}")
     pre = [r for _s, r in rows if r["mode"] == "pretrain" and r["T"] == 1]
     if pre:
         best = max(r["mfu"] for r in pre)
         lines += ["", f"goal: T = 1 pretraining >= 35% MFU: best {100 * best:.1f}% ({_met(best >= 0.35)})"]
+    fine = {r["mode"]: r for _s, r in rows if r["compiled"] != "no" and r["T"] == 1}
+    speeds = {m: max(r["images_per_s"] for _s, r in rows if r["mode"] == m and r["compiled"] != "no")
+              for m in ("pretrain", "finetune") if m in fine}
+    if len(speeds) == 2:  # MIM step time / finetune step time = finetune images/s / MIM images/s
+        ratio = speeds["finetune"] / speeds["pretrain"]
+        lines.append(f"goal: compiled MIM step <= 0.6x the finetuning step: {ratio:.2f}x ({_met(ratio <= 0.6)})")
+    for s in steps:
+        lines += profile_tables(s)
+    return lines
+
+
+def profile_tables(step: dict) -> list[str]:
+    """The best run's top kernels per mode (gpu_step.py --profile-steps)."""
+    r = step.get("result") or {}
+    lines = []
+    for mode, best in r.get("best", {}).items():
+        row = next((x for x in r.get("rows", []) if x["mode"] == mode and x["batch"] == best["batch"]), {})
+        if not row.get("profile"):
+            continue
+        what = "kernels by device time" if row.get("device") == "cuda" else "CPU ops by self time"
+        lines += ["", f"{step['step']}: {mode} at batch {best['batch']}, top {len(row['profile'])} {what}", "",
+                  "| share | ms/step | calls/step | name |", "|---:|---:|---:|---|"]
+        for k in row["profile"]:
+            name = k["name"].replace("|", "/")
+            lines.append(f"| {100 * k['share']:.1f}% | {k['ms_per_step']:.3f} | {k['calls_per_step']:.0f} | "
+                         f"`{name[:120]}` |")
+    return lines
+
+
+def efficiency_lines(step: dict) -> list[str]:
+    """benchmarks/pipeline_efficiency.py: the pipeline's images/s against the plain step's, per decode mode."""
+    r = step.get("result") or {}
+    plain = (r.get("plain") or {}).get("images_per_s")
+    if not r.get("pipeline"):
+        return []
+    lines = ["", f"Pipeline efficiency (benchmarks/pipeline_efficiency.py, {r.get('args', {}).get('variant')}, batch "
+                 f"{r.get('args', {}).get('batch')}): plain step {_f(plain, '.1f')} images/s", ""]
+    for o in r["pipeline"]:
+        lines.append(f"- decode {o.get('decode')}: {_f(o.get('images_per_s'), '.1f')} images/s, pipeline/plain "
+                     f"{_f(o.get('ratio'), '.2f')}")
     return lines
 
 
@@ -197,6 +251,7 @@ def summary(args: argparse.Namespace) -> int:
     lines += lif_table(by_name.get("lif_bench", {}))
     lines += step_table([s for s in steps if s["step"].startswith("step_")])
     lines += chain_table(by_name.get("chain", {}))
+    lines += efficiency_lines(by_name.get("pipeline_efficiency", {}))
     text = "\n".join(lines) + "\n"
     (folder / "summary.md").write_text(text)
     print(text)

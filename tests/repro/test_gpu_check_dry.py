@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_report
 
 from .conftest import REPO
 
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "cuda_tests", "lif_bench", "step_eager", "host_sync", "chain", "step_compiled"]
+STEPS = ["env", "cuda_tests", "lif_bench", "step_eager", "chain", "step_compiled", "pipeline_efficiency"]
 
 
 def dry_run(tmp_path: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
@@ -42,16 +43,17 @@ def test_dry_run_passes_every_step_with_sane_results(tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{s}.json" for s in STEPS), "summary.md"])
     records = {s: record(tmp_path, s) for s in STEPS}
-    for step, rec in records.items():
-        assert rec["status"] == ("absent" if step == "host_sync" and rec["status"] == "absent" else "passed"), rec
+    for rec in records.values():
+        assert rec["status"] == "passed", rec
 
     env = records["env"]["result"]
     assert not any(state.startswith("FAILED") for state in env["imports"].values()), env["imports"]
     assert env["cuda_available"] is False  # the dry run hides any GPU
 
     tests = records["cuda_tests"]["tests"]
-    # the interpreter LIF tests and the decode tests on the CPU device pass; the 7 CUDA-only ones skip
-    assert tests["passed"] >= 5 and tests["skipped"] >= 7 and tests["failures"] == tests["errors"] == 0
+    # the interpreter LIF tests, the decode tests on the CPU device and the CPU attention products pass;
+    # the CUDA-only ones skip
+    assert tests["passed"] >= 8 and tests["skipped"] >= 7 and tests["failures"] == tests["errors"] == 0
 
     lif = records["lif_bench"]["result"]
     assert {(r["dtype"], r["T"]) for r in lif["rows"]} == {(d, t) for d in ("float32", "bfloat16") for t in (1, 4)}
@@ -60,14 +62,28 @@ def test_dry_run_passes_every_step_with_sane_results(tmp_path):
 
     for step, compiled in (("step_eager", "no"), ("step_compiled", "aot_eager")):
         result = records[step]["result"]
-        rows = {r["mode"]: r for r in result["rows"]}
-        assert set(rows) == {"pretrain", "finetune"} and result["matmul_tflops"] > 0
-        for r in rows.values():
+        # the sweep: both modes at both batches (a run the time budget skipped says why), and the best
+        # batch of each mode
+        runs = {(r["mode"], r["batch"]) for r in result["rows"]} | {(s["mode"], s["batch"]) for s in result["skipped"]}
+        assert runs == {(m, b) for m in ("pretrain", "finetune") for b in (2, 4)}
+        assert all(s["why"].startswith("time:") for s in result["skipped"]) and len(result["skipped"]) <= 1
+        assert set(result["best"]) == {"pretrain", "finetune"} and result["matmul_tflops"] > 0
+        for mode, best in result["best"].items():
+            fastest = max((r for r in result["rows"] if r["mode"] == mode), key=lambda r: r["images_per_s"])
+            assert best["batch"] == fastest["batch"]
+        for r in result["rows"]:
             assert r["compiled"] == compiled and r["variant"] == "spikformer_v2_tiny" and r["img"] == 32
             assert r["images_per_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"]
             assert r["tflops"] == pytest.approx(r["images_per_s"] * r["gflops_per_image"] / 1e3)
-        # the same encoder; the MIM decoder adds FLOPs
-        assert rows["pretrain"]["gflops_per_image"] > rows["finetune"]["gflops_per_image"] > 0
+        flops = {r["mode"]: r["gflops_per_image"] for r in result["rows"]}
+        assert flops["pretrain"] > flops["finetune"] > 0  # the MIM decoder adds FLOPs
+    for r in records["step_compiled"]["result"]["rows"]:  # one graph, no break, no recompile; a profile
+        assert (r["dynamo"]["graphs"], r["dynamo"]["graph_breaks"], r["dynamo"]["recompiles"]) == (1, 0, 0), r
+        assert 0 < len(r["profile"]) <= 15 and all(k["ms_per_step"] > 0 for k in r["profile"])
+
+    efficiency = records["pipeline_efficiency"]["result"]
+    assert efficiency["args"]["batch"] == records["step_compiled"]["result"]["best"]["pretrain"]["batch"]
+    assert efficiency["pipeline"] and all(o["ratio"] > 0 for o in efficiency["pipeline"])
 
     chain = records["chain"]["result"]
     assert chain["status"] == "passed" and chain["checks"] and all(chain["checks"].values()), chain["checks"]
@@ -81,6 +97,8 @@ def test_dry_run_passes_every_step_with_sane_results(tmp_path):
 
     summary = (out / "summary.md").read_text()
     assert "- result: PASSED" in summary and "dry run" in summary
+    assert "step_compiled: pretrain batch 4: dynamo 1 graphs, 0 graph breaks, 0 recompiles" in summary
+    assert "top 15 CPU ops by self time" in summary and "Pipeline efficiency" in summary
     for step in STEPS:
         assert f"| {step} | {records[step]['status']} |" in summary
     # the torchrun path never reached for Ray (the image has none, no wheel carries it)
@@ -117,6 +135,52 @@ def test_device_sim_hides_packages_the_image_lacks_and_only_those(tmp_path):
     # control: the venv does have them; the guard is what hides them
     plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=240)
     assert _states(plain.stdout)["ray"] == "ok"
+
+
+def test_gpu_step_gives_cuda_an_index():
+    from benchmarks import gpu_step
+
+    # torch 2.11's torch.cuda.set_device refuses torch.device("cuda") ("a specified index")
+    assert gpu_step.resolve_device("cuda", current_cuda=lambda: 3) == torch.device("cuda", 3)
+    assert gpu_step.resolve_device("cuda:1", current_cuda=lambda: 3) == torch.device("cuda", 1)
+    assert gpu_step.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_gpu_step_sweeps_batches_counts_compiles_profiles_and_keeps_to_its_budget(tmp_path):
+    from benchmarks import gpu_step
+
+    argv = ["spikformer_v2_tiny", "--mode", "finetune", "--img", "32", "--batch", "2", "3", "--steps", "1",
+            "--warmup", "1", "--precision", "fp32", "--device", "cpu", "--compile", "--compile-backend", "eager",
+            "--profile-steps", "1", "--json", str(tmp_path / "step.json")]
+    result = gpu_step.main(argv)
+    assert [r["batch"] for r in result["rows"]] == [2, 3] and not result["skipped"]
+    fastest = max(result["rows"], key=lambda r: r["images_per_s"])
+    assert result["best"] == {"finetune": {"batch": fastest["batch"], "images_per_s": fastest["images_per_s"],
+                                           "mfu": fastest["mfu"]}}
+    for row in result["rows"]:  # counted per run: each batch is its own compilation, none a recompile
+        assert {k: row["dynamo"][k] for k in ("graphs", "graph_breaks", "recompiles")} == \
+            {"graphs": 1, "graph_breaks": 0, "recompiles": 0}
+        shares = [k["share"] for k in row["profile"]]
+        assert 0 < len(shares) <= 15 and shares == sorted(shares, reverse=True) and sum(shares) <= 1.0 + 1e-9
+    assert json.loads((tmp_path / "step.json").read_text())["best"] == result["best"]
+
+    # a budget the first run uses up: the second is skipped and said so
+    result = gpu_step.main([*argv[:-2], "--budget-s", "1"])
+    assert [r["batch"] for r in result["rows"]] == [2]
+    assert result["skipped"] == [{"mode": "finetune", "batch": 3, "why": result["skipped"][0]["why"]}]
+    assert result["skipped"][0]["why"].startswith("time:")
+
+
+def test_gpu_step_recompile_count_sees_a_recompilation():
+    from benchmarks import gpu_step
+
+    gpu_step.reset_dynamo()
+    scale = torch.compile(lambda x, k: x * k, backend="eager", dynamic=False)
+    scale(torch.ones(2), 2)
+    assert gpu_step.dynamo_counts()["recompiles"] == 0
+    scale(torch.ones(3), 2)  # a new static shape: the same frame compiled again
+    assert gpu_step.dynamo_counts()["recompiles"] == 1
+    gpu_step.reset_dynamo()
 
 
 def _states(stdout: str) -> dict[str, str]:
