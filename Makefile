@@ -35,7 +35,7 @@ test-torch211:
 	$(VENV211)/bin/python -c "import sys, torch; sys.exit(not torch.__version__.startswith('2.11.'))" 2>/dev/null || \
 		$(VENV211)/bin/python -m pip install $(TORCH211) timm pillow pytest pytest-timeout
 	OMP_NUM_THREADS=1 $(VENV211)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/models/test_compile_counts.py tests/models/test_compile.py
+		tests/models/test_compile_counts.py tests/models/test_compile.py tests/models/test_attention_products.py
 
 lint: setup
 	$(BIN)/ruff check models pipeline tests benchmarks
