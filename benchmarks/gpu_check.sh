@@ -129,8 +129,9 @@ else
     mapfile -t COMPILED_BATCHES < <(printf '%s\n' "${EAGER_BATCHES[@]}" | sort -rn)
     COMPILE=(--compile)
     # --log-every 5: the window (warm-up 15, 60 steps) starts and ends at log steps
+    # kNN bank/eval capped so the step fits its reserve; the JSON records the sizes its kNN cost is for
     EFFICIENCY_ARGS=(--variant spikformer_v2_16_768 --img-size 224 --workers 14 --decode cpu,gpu --steps 60
-                     --warmup 15 --log-every 5)
+                     --warmup 15 --log-every 5 --knn-bank 2000 --knn-eval 512)
     NO_SKIPS=(--no-skips) ENV_ARGS=(--expect-cuda) CHAIN_ARGS=() L=(20 90 60 90 170 600 600)
 fi
 echo "=== gpu_check $(date -u +%FT%TZ) commit $COMMIT" \
