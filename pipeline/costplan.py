@@ -7,8 +7,9 @@ Every number comes from the job spec and the model itself, never from a table:
   MIM decoder's attention matmuls (no Linear layers, so not in that count). A
   hardware FLOP is 2 per MAC; the forward pass runs the encoder T times; training costs 3 forwards
   (backward = 2x forward, the usual transformer rule). The MIM decoder runs once per image.
-* Time: total FLOPs / (gpus x peak TFLOP/s x MFU). The MFU is the user's guess, so the wall time is
-  only as good as it.
+* Time: total FLOPs / (gpus x peak TFLOP/s x MFU). Unless `--mfu` says otherwise, the MFU of each stage is
+  the best one measured for its kind of step on a GPU (`MEASURED_MFU`, with its source printed), so the
+  wall time is as good as that measurement; an evaluation or probe stage takes the finetuning step's.
 * Memory per GPU, model states: the ZeRO paper (Rajbhandari et al. 2020, §3/§5) for Adam:
   mixed precision keeps 2 bytes/param of bf16 weights, 2 of bf16 gradients and K = 12 of optimizer
   state (fp32 master weights, momentum, variance); stage 1 partitions the optimizer state over the
@@ -203,15 +204,30 @@ def dataset_info(job: JobConfig, role: str) -> DatasetInfo:
 # --------------------------------------------------------------------------- one stage
 
 
+# The best MFU measured per kind of step (benchmarks/gpu_step.py, spikformer_v2_16_768, T = 1, 224 px, bf16,
+# compiled, batch 128, against the measured 818 TFLOP/s bf16 matmul); update both with the next gpu_check run.
+MEASURED_MFU = {"pretrain": 0.228, "finetune": 0.262}
+MEASURED_MFU_SOURCE = ("H200 gpu_step.py, compiled, batch 128, 2026-12-04 at commit 5028ed9 (docs/BENCHMARKS.md "
+                       "'H200 first contact'; before the compile fixes)")
+
+
 @dataclass(frozen=True)
 class Cluster:
     gpus: int
     gpu_tflops: float | None = None  # peak dense TFLOP/s per GPU in the training precision
-    mfu: float = 0.3
+    mfu: float | None = None  # None: MEASURED_MFU per stage
 
-    @property
-    def effective_flops(self) -> float | None:
-        return None if self.gpu_tflops is None else self.gpus * self.gpu_tflops * 1e12 * self.mfu
+    def mfu_for(self, stage: str) -> float:
+        return self.mfu if self.mfu is not None else MEASURED_MFU.get(stage, MEASURED_MFU["finetune"])
+
+    def effective_flops(self, stage: str) -> float | None:
+        return None if self.gpu_tflops is None else self.gpus * self.gpu_tflops * 1e12 * self.mfu_for(stage)
+
+    def describe_mfu(self) -> str:
+        if self.mfu is not None:
+            return f"MFU {self.mfu:g} (--mfu)"
+        measured = ", ".join(f"{stage} {value:g}" for stage, value in MEASURED_MFU.items())
+        return f"MFU as measured ({measured}; others as finetune): {MEASURED_MFU_SOURCE}"
 
 
 @dataclass
@@ -288,7 +304,7 @@ def plan_stage(job: JobConfig, stage: str, cluster: Cluster) -> StageCost:
         checkpoint = model.trainable * (weight_bytes + optim_bytes) + ema
         export = 4.0 * (model.params if stage == "finetune" else _encoder_params(model, job))
     total = None if images is None else per_image * images
-    effective = cluster.effective_flops
+    effective = cluster.effective_flops(stage)
     wall = None if total is None or effective is None else total / effective / 3600
     return StageCost(
         stage=stage, T=T, model=model, data=data, world_size=world, micro_batch=micro, accum=accum,
@@ -339,7 +355,7 @@ def _hours(value: float | None) -> str:
 
 
 def format_costs(costs: list[StageCost], cluster: Cluster) -> str:
-    speed = (f"{cluster.gpus} GPU(s) x {cluster.gpu_tflops:g} TFLOP/s peak x MFU {cluster.mfu:g}"
+    speed = (f"{cluster.gpus} GPU(s) x {cluster.gpu_tflops:g} TFLOP/s peak x {cluster.describe_mfu()}"
              if cluster.gpu_tflops else f"{cluster.gpus} GPU(s); give --gpu-tflops for time estimates")
     lines = [f"cost plan: {speed}"]
     if not costs:

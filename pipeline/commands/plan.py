@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-parallel GPUs (default: the job's scaling.num_workers)")
     parser.add_argument("--gpu-tflops", type=float, default=None, metavar="X",
                         help="peak dense TFLOP/s per GPU in the training precision (H100 SXM bf16: 989)")
-    parser.add_argument("--mfu", type=float, default=0.3, metavar="Y",
-                        help="assumed model FLOPs utilisation, 0-1 [0.3]")
+    parser.add_argument("--mfu", type=float, default=None, metavar="Y",
+                        help="model FLOPs utilisation, 0-1 [per stage, the best measured on a GPU: "
+                             "pipeline.costplan.MEASURED_MFU]")
     parser.add_argument("--no-costs", action="store_true", help="print only the stage graph")
 
 
@@ -59,7 +60,8 @@ def _print_plan(args: argparse.Namespace, job, stages, unchecked: list[str]) -> 
     from pipeline.costplan import Cluster, format_costs, plan_costs
 
     gpus = args.gpus or job.scaling.num_workers
-    if gpus < 1 or not 0 < args.mfu <= 1 or (args.gpu_tflops is not None and args.gpu_tflops <= 0):
+    bad_mfu = args.mfu is not None and not 0 < args.mfu <= 1
+    if gpus < 1 or bad_mfu or (args.gpu_tflops is not None and args.gpu_tflops <= 0):
         raise PipelineError("--gpus must be >= 1, --mfu in (0, 1], --gpu-tflops > 0")
     if sweep is not None:
         print(_sweep_costs(sweep, Cluster(gpus=gpus, gpu_tflops=args.gpu_tflops, mfu=args.mfu), plan_costs))
@@ -102,7 +104,7 @@ def _sweep_costs(sweep, cluster, plan_costs) -> str:
             seen.add(keys[spec.name])
             hours += cost.gpu_hours or 0.0
         per_cell.setdefault(run.cell, []).append(hours)
-    lines = ["", f"sweep cost on {cluster.gpus} GPU(s) at MFU {cluster.mfu:.0%} (shared stages counted once):",
+    lines = ["", f"sweep cost on {cluster.gpus} GPU(s), {cluster.describe_mfu()} (shared stages counted once):",
              "| cell | runs | GPU-hours |", "|---|---:|---:|"]
     lines += [f"| {cell} | {len(h)} | {sum(h):,.1f} |" for cell, h in per_cell.items()]
     total = sum(sum(h) for h in per_cell.values())

@@ -104,13 +104,37 @@ def test_plan_command_prints_the_cost_table_for_imagenet(tmp_path, capsys, monke
     monkeypatch.delenv("SHARDS", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("SHARDS", str(tmp_path / "no-shards-yet"))
+    # before the shards exist the plan is printed in full, then names the manifests it could not check (exit 2)
     assert main(["plan", str(REPO / "jobs/supervised_80.yaml"), "--gpus", "16", "--gpu-tflops", "989",
-                 "--mfu", "0.25"]) == 0
-    out = capsys.readouterr().out
+                 "--mfu", "0.25"]) == 2
+    out, err = capsys.readouterr()
+    assert "could not be checked: data.train:" in err and "no-shards-yet/train.manifest.json" in err
     assert "assumed ImageNet-1k" in out and "1,281,167" in out
     steps = math.ceil(310 * (1_281_167 // (16 * 16)))
     assert f"{steps:,} / 310" in out
     assert "finetune (T=4, bf16, ZeRO-1)" in out and "wall time" in out and "memory/GPU optimizer" in out
+
+
+def test_without_mfu_the_plan_uses_the_measured_mfu_per_stage_and_names_its_source(tmp_path, capsys,
+                                                                                     monkeypatch):
+    from pipeline.__main__ import main
+    from pipeline.costplan import MEASURED_MFU, MEASURED_MFU_SOURCE
+
+    measured = Cluster(gpus=2, gpu_tflops=100)
+    job = toy_job(tmp_path)
+    assert measured.mfu_for("evaluate") == measured.mfu_for("probe") == MEASURED_MFU["finetune"]
+    for stage in ("pretrain", "finetune"):
+        cost, at_half = plan_stage(job, stage, measured), plan_stage(job, stage, Cluster(gpus=2, gpu_tflops=100,
+                                                                                         mfu=0.5))
+        mfu = MEASURED_MFU.get(stage, MEASURED_MFU["finetune"])
+        assert cost.wall_hours == pytest.approx(at_half.wall_hours * 0.5 / mfu)  # time scales as 1/MFU
+    assert MEASURED_MFU["pretrain"] != MEASURED_MFU["finetune"]  # so the per-stage choice is visible above
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("SHARDS", str(tmp_path / "no-shards-yet"))
+    assert main(["plan", str(REPO / "jobs/supervised_80.yaml"), "--gpu-tflops", "989"]) == 2  # no shards yet
+    out = capsys.readouterr().out
+    assert "MFU as measured (pretrain 0.228, finetune 0.262" in out and MEASURED_MFU_SOURCE in out
 
 
 def test_activation_estimate_on_meta_equals_a_real_forward_and_scales_with_T(tmp_path):
