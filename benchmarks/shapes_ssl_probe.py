@@ -120,14 +120,6 @@ def probe_top1(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor
     return float((clf.predict(scaler.transform(val_f.numpy())) == val_y.numpy()).mean())
 
 
-class Rectifier(torch.nn.Module):
-    """The no-LIF control's activation: max(x, 0). clamp's backward reads its input, so the masked
-    stem may zero this output in place (as it does a LIF's); nn.ReLU's backward reads its output."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.clamp(min=0)
-
-
 class FiringRates:
     """Mean spike rate of each LIF output in train mode (forward hooks), grouped by module name."""
 
@@ -151,14 +143,11 @@ class FiringRates:
 
 def make_encoder(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     kwargs = dict(img_size=args.img_size, num_classes=num_classes, attention=args.attention, T=args.T)
+    if args.no_lif:  # the non-spiking control: every LIF becomes max(x, 0) (models.neuron.Rectifier)
+        kwargs["neuron"] = "relu"
     if args.stem:
         kwargs["stem"] = args.stem
     encoder = timm.create_model("spikformer_v2_tiny", **kwargs)
-    if args.no_lif:  # the non-spiking control: every LIF becomes a ReLU-like identity on its input
-        for module in list(encoder.modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, MultiStepLIF):
-                    setattr(module, child_name, Rectifier() if args.no_lif == "relu" else torch.nn.Identity())
     return encoder
 
 
@@ -173,7 +162,7 @@ def main() -> int:
     parser.add_argument("--T", type=int, default=1)
     parser.add_argument("--attention", default="ssa")
     parser.add_argument("--stem", default=None)
-    parser.add_argument("--no-lif", choices=["relu", "identity"], default=None)
+    parser.add_argument("--no-lif", action="store_true", help="the non-spiking control (neuron=relu)")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--batch", type=int, default=64)

@@ -5,7 +5,7 @@ works after ``import models``.
 """
 
 from .energy import EnergyReport, FiringRateProbe, count_flops, firing_rates, measure_energy
-from .neuron import MultiStepLIF, lif_multistep
+from .neuron import MultiStepLIF, Rectifier, lif_multistep
 from .spikformer import (
     MLP,
     SCS,
@@ -29,6 +29,7 @@ __all__ = [
     "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
     "MultiStepLIF",
+    "Rectifier",
     "SCS",
     "SPS",
     "SSA",

@@ -14,6 +14,8 @@ Conventions (those of the paper):
   operand: K for K^T V (each K spike adds a row of V), Q for Q (K^T V).
 * The softmax-attention ablation (``SoftmaxSelfAttention``): Q K^T and softmax(.) V (N^2 D each) and
   the projection after them have real-valued operands, so they are MAC rows.
+* The non-spiking control (``neuron="relu"``: every LIF a ``Rectifier``) has no spikes anywhere: every
+  row, attention products included, is a MAC row, and there are no firing rates.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .neuron import MultiStepLIF
+from .neuron import MultiStepLIF, Rectifier
 from .spikformer import SSA, SoftmaxSelfAttention
 
 E_MAC_PJ = 4.6
@@ -117,6 +119,8 @@ class EnergyMeter:
     def __init__(self, model: nn.Module, mac_layers: Sequence[str] | None = None) -> None:
         self.model = model
         self.mac_layers = set(default_mac_layers(model) if mac_layers is None else mac_layers)
+        # Real-valued activations (the no-LIF control): every operation is a multiply-accumulate.
+        self.analog = any(isinstance(m, Rectifier) for m in model.modules())
         self.images = 0
         self._lif: dict[str, list[float]] = {}  # name -> [sum, numel] over all calls
         self._last_lif: dict[str, float] = {}  # name -> rate in the latest call
@@ -161,6 +165,10 @@ class EnergyMeter:
         def hook(module: SSA, inputs, out):
             T, B, _, H, W = out.shape
             kv_flops, qkv_flops = module.attention_flops(H * W)
+            if self.analog:  # real-valued Q, K, V: the products are MACs, no event operand
+                for suffix, flops in (("kv", kv_flops), ("qkv", qkv_flops)):
+                    self._entry(f"{name}.{suffix}", "attn", flops)["rows"] += T * B
+                return
             for suffix, flops, operand in (("kv", kv_flops, "k_lif"), ("qkv", qkv_flops, "q_lif")):
                 rate = self._last_lif[f"{name}.{operand}"]
                 entry = self._entry(f"{name}.{suffix}", "attn", flops)
@@ -223,7 +231,7 @@ class EnergyMeter:
         rows = []
         for name, e in self._layers.items():
             rows_per_image = e["rows"] / self.images
-            mac = name in self.mac_layers
+            mac = self.analog or name in self.mac_layers
             if mac:
                 rows.append(
                     EnergyRow(name, e["kind"], True, None, e["flops"], 0.0, E_MAC_PJ * e["flops"] * rows_per_image)

@@ -182,3 +182,32 @@ class MultiStepLIF(nn.Module):
             f"tau={self.tau}, v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
             f"alpha={self.alpha}, detach_reset={self.detach_reset}, backend={self.backend!r}"
         )
+
+
+class Rectifier(nn.Module):
+    """The non-spiking control's activation, max(x, 0) over [T, B, ...]: what a LIF neuron becomes in a
+    network built with ``neuron="relu"`` (the ablation that separates "MIM at this budget" from
+    "spiking MIM"). ``clamp``'s backward reads its input, not its output, so the masked stem may zero
+    the output in place as it does a LIF's; ``nn.ReLU``'s backward reads the output it returned."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=0)
+
+
+NEURONS = ("lif", "relu")
+
+
+def replace_neurons(module: nn.Module, neuron: str) -> int:
+    """Swap every ``MultiStepLIF`` inside ``module`` for the ``neuron`` kind; returns how many changed."""
+    if neuron not in NEURONS:
+        raise ValueError(f"neuron must be one of {NEURONS}, got {neuron!r}")
+    if neuron == "lif":
+        return 0
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, MultiStepLIF):
+                setattr(parent, name, Rectifier())
+                swapped += 1
+    return swapped
+

@@ -33,7 +33,7 @@ from timm.layers import trunc_normal_
 from timm.models import register_model
 from torch import nn
 
-from .neuron import MultiStepLIF
+from .neuron import NEURONS, MultiStepLIF, replace_neurons
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -821,6 +821,8 @@ class Spikformer(nn.Module):
         lif_kwargs: extra ``MultiStepLIF`` arguments for every neuron (tau, alpha, backend, ...).
         stem_layout: memory layout of the stem's convolutions: "auto" (channels_last on CUDA under
             torch.compile), "channels_last" or "contiguous" (``SPS.channels_last``); values are the same.
+        neuron: "lif" (the spiking network) or "relu": every LIF replaced by max(x, 0) (``Rectifier``),
+            the non-spiking control of the same width, depth, stem, BatchNorms and attention layout.
     """
 
     def __init__(
@@ -843,8 +845,11 @@ class Spikformer(nn.Module):
         lif_kwargs: dict | None = None,
         attention: str = "ssa",
         stem_layout: str = "auto",
+        neuron: str = "lif",
     ) -> None:
         super().__init__()
+        if neuron not in NEURONS:
+            raise ValueError(f"neuron must be one of {NEURONS}, got {neuron!r}")
         if stem_layout not in SPS.LAYOUTS:
             raise ValueError(f"stem_layout must be one of {SPS.LAYOUTS}, got {stem_layout!r}")
         if attention not in ATTENTIONS:
@@ -875,6 +880,8 @@ class Spikformer(nn.Module):
             for rate in rates
         )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.neuron = neuron
+        replace_neurons(self, neuron)
         self.apply(self._init_weights)
         self.pretrained_cfg = self.default_cfg = {
             "input_size": (in_chans, img_size, img_size),

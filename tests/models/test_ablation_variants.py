@@ -1,4 +1,5 @@
-"""Ablation variants selected by create_model kwargs: attention "ssa"/"softmax", stem "scs"/"sps", any T."""
+"""Ablation variants selected by create_model kwargs: attention "ssa"/"softmax", stem "scs"/"sps", any T,
+neuron "lif"/"relu" (the no-LIF control)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 import models
 from models.energy import count_flops, measure_energy
 from models.mim import MaskedImageModel
+from models.neuron import MultiStepLIF, Rectifier
 from models.spikformer import SSA, SoftmaxSelfAttention, Spikformer
 from models.summary import count_params
 
@@ -21,6 +23,7 @@ VARIANTS = [
     {"attention": "softmax"},
     {"stem": "sps"},
     {"attention": "softmax", "stem": "sps", "T": 2},
+    {"neuron": "relu"},
 ]
 
 
@@ -138,3 +141,58 @@ def test_any_T_and_the_sps_stem_through_the_constructor():
     model = Spikformer(img_size=32, embed_dim=32, depth=1, num_heads=2, T=3, stem="sps", stem_pools=2,
                        attention="softmax", num_classes=4)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+
+
+def test_the_no_lif_control_swaps_every_neuron_and_keeps_the_parameters():
+    spiking = models.create("spikformer_v2_tiny")
+    control = models.create("spikformer_v2_tiny", neuron="relu")
+    lifs = [n for n, m in spiking.named_modules() if isinstance(m, MultiStepLIF)]
+    assert len(lifs) == 20  # stem 6 (4 stages, the SCS unit, the RPE) + 2 blocks x 7 (q, k, v, attn, proj, fc1, fc2)
+    assert [n for n, m in control.named_modules() if isinstance(m, Rectifier)] == lifs
+    assert not any(isinstance(m, MultiStepLIF) for m in control.modules())
+    assert spiking.neuron == "lif" and control.neuron == "relu"
+    shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (control, spiking)]
+    assert shapes[0] == shapes[1]  # checkpoints of one load into the other's architecture
+
+
+def test_the_no_lif_control_is_real_valued_and_spiking_is_binary():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    outputs = {}
+    for neuron in ("lif", "relu"):
+        torch.manual_seed(0)
+        model = models.create("spikformer_v2_tiny", neuron=neuron).train()  # BN on batch statistics
+        model.block[0].mlp.fc1_lif.register_forward_hook(lambda m, a, out, n=neuron: outputs.__setitem__(n, out))
+        with torch.no_grad():
+            model(x)
+    assert set(outputs["lif"].unique().tolist()) == {0.0, 1.0}  # the MLP's first neuron: spikes...
+    relu_out = outputs["relu"]
+    assert relu_out.min() == 0 and not torch.equal(relu_out, relu_out.round())  # ...or max(x, 0) of real values
+
+
+def test_rectifier_is_max_x_0_with_its_gradient():
+    x = torch.tensor([-1.5, 0.0, 0.25, 3.0], requires_grad=True)
+    y = Rectifier()(x)
+    assert torch.equal(y, torch.tensor([0.0, 0.0, 0.25, 3.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 0.0, 1.0, 1.0]))  # 0 at 0, as ReLU
+
+
+def test_unknown_neuron_is_rejected():
+    with pytest.raises(ValueError, match=r"neuron must be one of \('lif', 'relu'\), got 'gelu'"):
+        models.create("spikformer_v2_tiny", neuron="gelu")
+
+
+def test_the_no_lif_control_is_charged_as_macs_everywhere():
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    spiking = measure_energy(models.create("spikformer_v2_tiny").eval(), images)
+    torch.manual_seed(0)
+    control = measure_energy(models.create("spikformer_v2_tiny", neuron="relu").eval(), images)
+    assert control.firing_rates == {}  # no spikes to count
+    assert control.rows and all(r.mac and r.sops == 0 for r in control.rows)
+    assert {r.layer for r in control.rows} == {r.layer for r in spiking.rows}  # same layers, attention included
+    # every MAC row costs E_MAC * FLOPs per time step: the whole network at 4.6 pJ per operation
+    assert control.total_pj == pytest.approx(4.6 * sum(r.flops for r in control.rows), rel=1e-9)
+    assert control.total_pj > 3 * spiking.total_pj
+

@@ -74,6 +74,15 @@ def test_fast_path_equals_dense_reference_in_float64(patch_size, T):
         torch.testing.assert_close(fast(x, mask)[1], reference(x, mask)[1], rtol=1e-10, atol=1e-12)
 
 
+def test_the_no_lif_control_takes_the_same_fast_path():
+    """neuron="relu": real-valued activations everywhere, and still the dense reference's function."""
+    fast, reference = pair(patch_size=8, neuron="relu")
+    x = images()
+    mask = fast.random_mask(3, "cpu", generator=torch.Generator().manual_seed(2))
+    loss = assert_same_step(fast, reference, x, mask, rtol=1e-10, atol=1e-12)
+    assert loss > 0
+
+
 def test_fast_path_equals_dense_reference_in_float32_with_the_random_mask():
     fast, reference = pair(dtype=torch.float32)
     x = images(4, torch.float32)
