@@ -50,15 +50,22 @@ def init_distributed() -> tuple[int, int, int]:
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         _disable_cpu_shm_comm()
+    backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized() and "RANK" not in os.environ:
-        # No launcher: a one-process group, so the same code runs in a notebook or a quick test.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # No launcher: a one-process group, so the same code runs in a notebook or a quick test. Its
+        # rendezvous goes in arguments, not os.environ: variables written there would outlive the group
+        # and reach every subprocess started later, which would then rendezvous at a stale MASTER_PORT.
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeedEngine asserts that it is set
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, rank=0, world_size=1,
+                                   init_method=f"tcp://127.0.0.1:{_free_port()}")
+        return dist.get_rank(), dist.get_world_size(), local_rank
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

@@ -20,10 +20,6 @@ REPO = Path(__file__).resolve().parents[2]
 STEPS, EVERY = 120, 20
 SERVER_START_TIMEOUT_S = 150
 
-# set in this process by earlier in-process tests' one-process groups (whose store holds MASTER_PORT)
-LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def write_manifests(dest: Path) -> dict[str, str]:
     """The digits dataset as train/val shard sets (a few hundred images each)."""
     from pipeline.data.writer import write_shards
@@ -59,8 +55,7 @@ def spec(tmp: Path, manifests: dict[str, str], tracking_uri: str | None = None, 
 
 
 def start(job: Path, **env_overrides: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.update(env_overrides)
     return subprocess.Popen([sys.executable, "-m", "pipeline", "local", str(job)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -27,14 +27,12 @@ from pipeline.data.writer import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
 import stage_helpers  # noqa: E402  (tests/stages helpers: the small job spec)
-from lifecycle_driver import LAUNCHER_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*words: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    # nor the rendezvous variables an earlier in-process engine test's one-process group left in this process
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", *LAUNCHER_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     return subprocess.run([sys.executable, "-m", "pipeline", *words], cwd=cwd, capture_output=True, text=True,
                           env={**env, "OMP_NUM_THREADS": "1"}, timeout=timeout)
 
