@@ -4,7 +4,7 @@ VENV      ?= .venv
 BIN       := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-slow test-all test-torch211 lint quickstart ablations bench clean
+.PHONY: setup test test-slow test-all test-torch211 lint quickstart ablations ablations-shapes bench clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,12 @@ quickstart: setup
 # the paper's ablations on digits (SSL vs scratch x labels x 3 seeds, SSA vs softmax, SCS vs SPS, T 1 vs 4)
 ablations: setup
 	$(BIN)/python -m pipeline run jobs/ablations.yaml
+
+# the same grid on the generated shapes (1%/10%/100% labels x 3 seeds, the no-LIF control), then its
+# dated section in docs/ABLATIONS.md; MLflow store: outputs/ablations_shapes/mlflow.db
+ablations-shapes: setup
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/outputs/ablations_shapes/mlflow.db $(BIN)/python -m pipeline run jobs/ablations_shapes.yaml
+	MLFLOW_TRACKING_URI=sqlite:///$(CURDIR)/outputs/ablations_shapes/mlflow.db $(BIN)/python benchmarks/ablations_report.py --spec jobs/ablations_shapes.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

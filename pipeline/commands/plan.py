@@ -49,7 +49,7 @@ def _print_plan(args: argparse.Namespace, job, stages, unchecked: list[str]) -> 
     if job.sweep is not None:
         from pipeline.runner.sweep import plan_sweep
 
-        sweep = plan_sweep(job, stages)
+        sweep = plan_sweep(job, stages, unchecked)
         for run, planned_stages in sweep:
             print(f"  cell {run.cell} seed {run.seed} (job {run.job.name})")
             _print_stages(planned_stages, STAGES, indent="    ")

@@ -76,8 +76,18 @@ def _seeds(first: int, seeds: int | list[int]) -> list[int]:
     return list(range(first, first + seeds)) if isinstance(seeds, int) else list(seeds)
 
 
-def plan_sweep(job: JobConfig, only: list[str] | None = None) -> list[tuple[CellRun, list[PlannedStage]]]:
-    return [(run, plan_job(run.job, only)) for run in expand(job)]
+def plan_sweep(job: JobConfig, only: list[str] | None = None,
+               unchecked: list[str] | None = None) -> list[tuple[CellRun, list[PlannedStage]]]:
+    """Every cell's plan; inputs no cell could check go to `unchecked` once each, naming the first cell
+    that needs them (cells share most inputs), or are logged as warnings when no list is given."""
+    planned = []
+    for run in expand(job):
+        problems: list[str] | None = None if unchecked is None else []
+        planned.append((run, plan_job(run.job, only, problems)))
+        for problem in problems or []:
+            if not any(line.endswith(f": {problem}") for line in unchecked):
+                unchecked.append(f"cell {run.cell} seed {run.seed}: {problem}")
+    return planned
 
 
 def run_sweep(job: JobConfig, backend_factory, only: list[str] | None = None, job_file: str | None = None):

@@ -107,6 +107,18 @@ def test_plan_lists_every_input_it_could_not_check(tmp_path, shards):
     assert alone.startswith("stages.finetune.init: job:no-such-job: no FINISHED pretrain run"), alone
     assert unchecked() == []
 
+    # a sweep lists each input once, with the first cell that needs it (here every cell does)
+    from pipeline.runner.sweep import plan_sweep
+
+    sweep = {"seeds": 2, "cells": [{"name": "a"}, {"name": "b", "set": {"stages.finetune.epochs": 2}}]}
+    sets = [w for w in quickstart_sets(tmp_path, shards) if w != "--set"]
+    found: list[str] = []
+    job = load_job(REPO / "jobs" / "quickstart.yaml", [*sets, "stages.finetune.init=job:no-such-job",
+                                                       f"sweep={json.dumps(sweep)}"])
+    assert len(plan_sweep(job, None, found)) == 4
+    (listed,) = found
+    assert listed.startswith("cell a seed 0: stages.finetune.init: job:no-such-job: no FINISHED pretrain"), listed
+
 
 def test_a_label_outside_the_classes_names_the_shard_and_sample(tmp_path, shards):
     """The train manifest lists 8 classes but its shards hold digits 8 and 9; model.num_classes is 8."""
