@@ -20,9 +20,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks._report import hardware  # noqa: E402
+from benchmarks._report import cpu_name  # noqa: E402
 
 DOC = ROOT / "docs" / "ABLATIONS.md"
 
@@ -66,8 +68,9 @@ def main() -> int:
     lines = [
         f"## {source.capitalize()} ablations ({dt.date.today().isoformat()})", "",
         f"- command: {command}, then `python benchmarks/ablations_report.py --spec {args.spec}`",
-        f"- hardware: {hardware()}; {job.scaling.num_workers} Ray Train workers per stage, gloo, DeepSpeed "
-        f"ZeRO-{job.deepspeed.zero_stage} fp32",
+        f"- hardware: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; per stage "
+        f"{_count(job.scaling.num_workers, 'Ray Train worker')} of {job.scaling.cpus_per_worker:g} Ray CPU, "
+        f"{_count(job.sweep.max_concurrent, 'cell')} at once, gloo, DeepSpeed ZeRO-{job.deepspeed.zero_stage} fp32",
         f"- {sweep_line}",
         f"- top-1 over the {source} validation images; kNN: the pretrain stage's last `knn_top1` (weighted "
         f"kNN, k {pretrain.knn_k}, T {pretrain.knn_temperature}, {pretrain.knn_bank_size}-image bank, "
@@ -83,6 +86,10 @@ def main() -> int:
     DOC.write_text(text.rstrip("\n") + "\n\n" + "\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def partial_table(client, experiment: str, job) -> tuple[str, int, int]:
