@@ -66,7 +66,7 @@ def main() -> int:
     command = "make ablations (= `python -m pipeline run jobs/ablations.yaml`)" if args.spec == "jobs/ablations.yaml" \
         else f"`python -m pipeline run {args.spec}`"
     lines = [
-        f"## {source.capitalize()} ablations ({dt.date.today().isoformat()})", "",
+        f"## {source.capitalize()} ablations: {job.name} ({dt.date.today().isoformat()})", "",
         f"- command: {command}, then `python benchmarks/ablations_report.py --spec {args.spec}`",
         f"- hardware: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__}; per stage "
         f"{_count(job.scaling.num_workers, 'Ray Train worker')} of {job.scaling.cpus_per_worker:g} Ray CPU, "
