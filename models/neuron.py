@@ -197,17 +197,13 @@ class Rectifier(nn.Module):
 NEURONS = ("lif", "relu")
 
 
-def replace_neurons(module: nn.Module, neuron: str) -> int:
-    """Swap every ``MultiStepLIF`` inside ``module`` for the ``neuron`` kind; returns how many changed."""
+def replace_neurons(module: nn.Module, neuron: str) -> None:
+    """Swap every ``MultiStepLIF`` inside ``module`` for the ``neuron`` kind ("lif" leaves them)."""
     if neuron not in NEURONS:
         raise ValueError(f"neuron must be one of {NEURONS}, got {neuron!r}")
     if neuron == "lif":
-        return 0
-    swapped = 0
+        return
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, MultiStepLIF):
                 setattr(parent, name, Rectifier())
-                swapped += 1
-    return swapped
-

@@ -80,12 +80,13 @@ def plan_sweep(job: JobConfig, only: list[str] | None = None,
                unchecked: list[str] | None = None) -> list[tuple[CellRun, list[PlannedStage]]]:
     """Every cell's plan; inputs no cell could check go to `unchecked` once each, naming the first cell
     that needs them (cells share most inputs), or are logged as warnings when no list is given."""
-    planned = []
+    planned, listed = [], set()
     for run in expand(job):
         problems: list[str] | None = None if unchecked is None else []
         planned.append((run, plan_job(run.job, only, problems)))
         for problem in problems or []:
-            if not any(line.endswith(f": {problem}") for line in unchecked):
+            if problem not in listed:
+                listed.add(problem)
                 unchecked.append(f"cell {run.cell} seed {run.seed}: {problem}")
     return planned
 

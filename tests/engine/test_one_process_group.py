@@ -12,8 +12,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[2]
 
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -28,9 +29,8 @@ groups = []
 for _ in range(2):  # the second call joins the group the first made (as a second stage in one process)
     rank, world, local_rank = init_distributed()
     model = torch.nn.Linear(4, 2)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
-        "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW", "params": {"lr": 0.1}},
-        "zero_optimization": {"stage": 2}})
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.1),
+                                      config={"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}})
     loss = engine(torch.randn(2, 4)).sum()
     engine.backward(loss)
     engine.step()
